@@ -1,0 +1,8 @@
+"""The model: configuration, the LM, and the token-mixer registry. Imports nothing from training,
+data or evaluation, so that it can travel with exported checkpoints."""
+
+from lmstack.model.config import ModelConfig
+from lmstack.model.lm import LM, LMCache
+from lmstack.model.mixers import MIXERS, Segments, TokenMixer, get_mixer, register
+
+__all__ = ["LM", "MIXERS", "LMCache", "ModelConfig", "Segments", "TokenMixer", "get_mixer", "register"]

@@ -1,0 +1,115 @@
+"""The model configuration: sizes, the per-layer token-mixer pattern, and each mixer's options.
+
+Layer pattern, in order of precedence:
+- `layer_mixers`: an explicit list with one registry name per layer;
+- otherwise every layer uses `mixer`, except that with `attention_every: k` layers k-1, 2k-1, ...
+  (every k-th layer, counted from 1) use softmax `attention` — the usual hybrid recipe.
+
+`mixer_options` maps a mixer name to its options; each mixer declares them as a dataclass
+(`TokenMixer.Options`), so a misspelt option is caught like any other key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from typing import Any
+
+from lmstack.errors import ConfigError
+from lmstack.model.schema import from_dict
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 32000
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    # Key/value heads for grouped-query attention; None means n_heads (plain multi-head attention).
+    n_kv_heads: int | None = None
+    # SwiGLU hidden size; None means 8/3 * d_model rounded up to a multiple of mlp_multiple_of.
+    mlp_hidden: int | None = None
+    mlp_multiple_of: int = 64
+    max_seq_len: int = 2048
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    mixer: str = "attention"
+    layer_mixers: list[str] | None = None
+    attention_every: int = 0
+    mixer_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def ffn_hidden(self) -> int:
+        if self.mlp_hidden is not None:
+            return self.mlp_hidden
+        m = self.mlp_multiple_of
+        return -(-(8 * self.d_model // 3) // m) * m
+
+    def mixer_for_layer(self, layer_idx: int) -> str:
+        if self.layer_mixers is not None:
+            return self.layer_mixers[layer_idx]
+        if self.attention_every and (layer_idx + 1) % self.attention_every == 0:
+            return "attention"
+        return self.mixer
+
+    def mixer_options_for(self, name: str) -> Any:
+        """The typed options dataclass of mixer `name` (its defaults overridden by `mixer_options`)."""
+        from lmstack.model.mixers import get_mixer
+
+        return from_dict(get_mixer(name).Options, self.mixer_options.get(name, {}), f"mixer_options.{name}.")
+
+    def validate(self, prefix: str = "") -> None:
+        from lmstack.model.mixers import MIXERS
+
+        def fail(name: str, msg: str) -> None:
+            raise ConfigError(f"{prefix}{name}: {msg}")
+
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "mlp_multiple_of"):
+            if getattr(self, name) <= 0:
+                fail(name, f"expected a positive integer, got {getattr(self, name)}")
+        if self.d_model % self.n_heads:
+            fail("d_model", f"{self.d_model} is not divisible by n_heads={self.n_heads}")
+        if self.n_kv_heads is not None and (self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads):
+            fail("n_kv_heads", f"{self.n_kv_heads} must be positive and divide n_heads={self.n_heads}")
+        if self.head_dim % 2:
+            fail("d_model", f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.mlp_hidden is not None and self.mlp_hidden <= 0:
+            fail("mlp_hidden", f"expected a positive integer, got {self.mlp_hidden}")
+        if self.attention_every < 0:
+            fail("attention_every", f"expected 0 (off) or a positive integer, got {self.attention_every}")
+        names = [("mixer", self.mixer)]
+        if self.layer_mixers is not None:
+            if len(self.layer_mixers) != self.n_layers:
+                fail("layer_mixers", f"expected {self.n_layers} entries (n_layers), got {len(self.layer_mixers)}")
+            names += [(f"layer_mixers[{i}]", m) for i, m in enumerate(self.layer_mixers)]
+        for where, name in names:
+            if name not in MIXERS:
+                close = difflib.get_close_matches(name, list(MIXERS), n=1)
+                hint = f"did you mean '{close[0]}'?" if close else f"registered: {', '.join(sorted(MIXERS))}"
+                fail(where, f"unknown mixer '{name}'; {hint}")
+        for name in self.mixer_options:
+            if name not in MIXERS:
+                fail(f"mixer_options.{name}", f"unknown mixer; registered: {', '.join(sorted(MIXERS))}")
+        for name in {self.mixer_for_layer(i) for i in range(self.n_layers)} | set(self.mixer_options):
+            from_dict(MIXERS[name].Options, self.mixer_options.get(name, {}), f"{prefix}mixer_options.{name}.")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], prefix: str = "") -> ModelConfig:
+        return from_dict(cls, data, prefix)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
