@@ -94,7 +94,10 @@ class ModelConfig:
         names = [("mixer", self.mixer)]
         if self.layer_mixers is not None:
             if len(self.layer_mixers) != self.n_layers:
-                fail("layer_mixers", f"expected {self.n_layers} entries (n_layers), got {len(self.layer_mixers)}")
+                fail(
+                    "layer_mixers",
+                    f"expected {self.n_layers} entries (n_layers), got {len(self.layer_mixers)}",
+                )
             names += [(f"layer_mixers[{i}]", m) for i, m in enumerate(self.layer_mixers)]
         for where, name in names:
             if name not in MIXERS:
@@ -105,7 +108,9 @@ class ModelConfig:
             if name not in MIXERS:
                 fail(f"mixer_options.{name}", f"unknown mixer; registered: {', '.join(sorted(MIXERS))}")
         for name in {self.mixer_for_layer(i) for i in range(self.n_layers)} | set(self.mixer_options):
-            from_dict(MIXERS[name].Options, self.mixer_options.get(name, {}), f"{prefix}mixer_options.{name}.")
+            from_dict(
+                MIXERS[name].Options, self.mixer_options.get(name, {}), f"{prefix}mixer_options.{name}."
+            )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], prefix: str = "") -> ModelConfig:

@@ -88,7 +88,9 @@ class LM(nn.Module):
         std, residual_std = self.config.init_std, self.config.init_std / math.sqrt(2 * self.config.n_layers)
         for module in self.modules():
             if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, 0.0, residual_std if getattr(module, "is_residual_out", False) else std)
+                nn.init.normal_(
+                    module.weight, 0.0, residual_std if getattr(module, "is_residual_out", False) else std
+                )
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):

@@ -40,7 +40,9 @@ def _convert(value: Any, tp: Any, field: str) -> Any:
                 return _convert(value, arg, field)
             except ConfigError as err:
                 errors.append(str(err))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{field}: expected {_type_name(tp)}, got {value!r}")
+        raise ConfigError(
+            errors[0] if len(errors) == 1 else f"{field}: expected {_type_name(tp)}, got {value!r}"
+        )
     if origin is list:
         (item_tp,) = typing.get_args(tp) or (Any,)
         if not isinstance(value, list | tuple):
