@@ -1,0 +1,314 @@
+"""Data pipeline throughput: `prepare_data` against a plain `tokenizers` batch-encode loop, and the
+packed readers' batches per second.
+
+    python benchmarks/bench_data.py [--copies 2] [--repeats 3] [--out benchmarks/results/data_cpu.json]
+
+Corpus: the embedded Shakespeare corpus (5.06 MB of text, 471 documents), repeated `--copies` times.
+Tokenizer: a byte-level BPE (vocab 8192) trained once up front; every timed run loads that same
+tokenizer.json, so training time is not counted. Every timed measurement runs in a fresh process (so
+that TOKENIZERS_PARALLELISM applies), and the variants are interleaved over the repeats so that
+background load on a shared machine hits them alike; the best and median are reported.
+
+Measured:
+- baseline_1thread: one process, `Tokenizer.encode_batch` over batches of 128 documents with
+  TOKENIZERS_PARALLELISM=false (no writing);
+- baseline_threads: the same loop with the tokenizer's own thread pool (all cores);
+- prepare_in_process_1thread: `lmstack.data.prepare_data` end to end (reading, hashing, tokenizing,
+  writing shards + index) with num_workers=1 and TOKENIZERS_PARALLELISM=false: the pipeline's own
+  overhead against baseline_1thread;
+- prepare_in_process_threads: the same with the tokenizer's thread pool on;
+- prepare_workers_N: the default, a pool of one single-threaded tokenizer process per core;
+- reader: TrainReader / ValReader batches per second at a few (batch, seq_len) shapes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _corpus(copies: int, workdir: Path) -> Path:
+    """The embedded corpus, repeated `copies` times, as a Pile-format jsonl.zst file."""
+    from lmstack.data.sources import DEFAULT_CORPUS
+
+    if copies == 1:
+        return DEFAULT_CORPUS
+    import zstandard
+
+    raw = zstandard.ZstdDecompressor().stream_reader(DEFAULT_CORPUS.open("rb")).read()
+    out = workdir / f"corpus_x{copies}.jsonl.zst"
+    out.write_bytes(zstandard.ZstdCompressor(level=3).compress(raw * copies))
+    return out
+
+
+def _cfg(**kw):
+    from lmstack.config import DataConfig
+    from lmstack.model.schema import from_dict
+
+    return from_dict(DataConfig, kw, prefix="data.")
+
+
+# -- measurements, each run in its own process -----------------------------------------------
+def _cpu_seconds() -> float:
+    """CPU time of this process and its reaped children (the tokenizer workers), user + system."""
+    import resource
+
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _rates(dt: float, cpu: float, n_bytes: int, n_tokens: int) -> dict:
+    return {
+        "seconds": dt,
+        "cpu_seconds": cpu,
+        "text_mb_per_s": n_bytes / 1e6 / dt,
+        "tokens_per_s": n_tokens / dt,
+        "tokens_per_cpu_s": n_tokens / cpu,
+        "tokens": n_tokens,
+    }
+
+
+def run_baseline(corpus: str, tokenizer: str) -> dict:
+    from tokenizers import Tokenizer
+
+    from lmstack.data.sources import iter_jsonl
+
+    tok = Tokenizer.from_file(tokenizer)
+    t0, c0 = time.perf_counter(), _cpu_seconds()
+    n_bytes = n_tokens = 0
+    batch: list[str] = []
+
+    def flush() -> None:
+        nonlocal n_tokens
+        n_tokens += sum(len(e.ids) + 1 for e in tok.encode_batch(batch, add_special_tokens=False))  # +1: EOS
+        batch.clear()
+
+    for doc in iter_jsonl([Path(corpus)]):
+        n_bytes += len(doc.encode())
+        batch.append(doc)
+        if len(batch) == 128:
+            flush()
+    flush()
+    return _rates(time.perf_counter() - t0, _cpu_seconds() - c0, n_bytes, n_tokens)
+
+
+def run_prepare(corpus: str, tokenizer: str, workers: int, out: str) -> dict:
+    from lmstack.data import prepare_data
+
+    cfg = _cfg(
+        path=out,
+        source="pile",
+        inputs=[corpus],
+        tokenizer=tokenizer,
+        num_workers=workers,
+        val_fraction=0.02,
+        shard_mb=8,
+    )
+    t0, c0 = time.perf_counter(), _cpu_seconds()
+    index = prepare_data(cfg, progress=False)
+    dt, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
+    n_tokens = index.num_tokens("train") + index.num_tokens("val")
+    return _rates(dt, cpu, index.stats["tokenized_text_bytes"], n_tokens)
+
+
+def run_reader(data_dir: str) -> dict:
+    import torch
+
+    from lmstack.data import TrainReader, ValReader
+
+    torch.set_num_threads(1)
+    out = {}
+    for B, T in ((8, 2048), (32, 512), (64, 256)):
+        r = TrainReader(data_dir, T, B, seed=0)
+        r.next_batch()  # map the shards
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < 2.0:
+            r.next_batch()
+            n += 1
+        dt = time.perf_counter() - t0
+        out[f"train_B{B}_T{T}"] = {
+            "batches_per_s": n / dt,
+            "tokens_per_s": n * B * T / dt,
+            "ms_per_batch": 1e3 * dt / n,
+        }
+    v = ValReader(data_dir, 512, 8)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < 1.0:
+        n += sum(1 for _ in v)
+    dt = time.perf_counter() - t0
+    out["val_B8_T512"] = {"batches_per_s": n / dt, "batches_per_pass": len(v)}
+    return out
+
+
+def _sub(kind: str, *args: str, env: dict | None = None) -> dict:
+    cmd = [sys.executable, __file__, "--_run", kind, *args]
+    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, check=False)
+    if res.returncode != 0:
+        raise SystemExit(f"{kind} failed:\n{res.stderr}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def device_info() -> dict:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import numpy
+    import tokenizers
+    import torch
+
+    import lmstack
+
+    return {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "versions": {
+            "lmstack": lmstack.__version__,
+            "tokenizers": tokenizers.__version__,
+            "numpy": numpy.__version__,
+            "torch": torch.__version__,
+        },
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--copies", type=int, default=2, help="repeat the embedded corpus this many times")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--vocab-size", type=int, default=8192)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "data_cpu.json"))
+    ap.add_argument("--_run", nargs="+", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args._run:
+        kind, *rest = args._run
+        fn = {"baseline": run_baseline, "prepare": run_prepare, "reader": run_reader}[kind]
+        if kind == "prepare":
+            rest[2] = int(rest[2])
+        print(json.dumps(fn(*rest)))
+        return
+
+    from lmstack.data import build_tokenizer
+    from lmstack.data.sources import DEFAULT_CORPUS, iter_jsonl
+
+    cores = os.cpu_count() or 1
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        corpus = _corpus(args.copies, tmp)
+        t0 = time.perf_counter()
+        tok = build_tokenizer("bpe", vocab_size=args.vocab_size, train_docs=iter_jsonl([DEFAULT_CORPUS]))
+        train_s = time.perf_counter() - t0
+        tok_file = tmp / "tokenizer.json"
+        tok_file.write_text(tok.json_str)
+        text_mb = sum(len(d.encode()) for d in iter_jsonl([corpus])) / 1e6
+        print(f"corpus {text_mb:.2f} MB; BPE ({args.vocab_size}) trained in {train_s:.1f}s", file=sys.stderr)
+
+        variants = {
+            "baseline_1thread": lambda: _sub(
+                "baseline", str(corpus), str(tok_file), env={"TOKENIZERS_PARALLELISM": "false"}
+            ),
+            "baseline_threads": lambda: _sub(
+                "baseline", str(corpus), str(tok_file), env={"TOKENIZERS_PARALLELISM": "true"}
+            ),
+            "prepare_in_process_1thread": lambda: _sub(
+                "prepare",
+                str(corpus),
+                str(tok_file),
+                "1",
+                str(tmp / f"p1_{time.time_ns()}"),
+                env={"TOKENIZERS_PARALLELISM": "false"},
+            ),
+            "prepare_in_process_threads": lambda: _sub(
+                "prepare",
+                str(corpus),
+                str(tok_file),
+                "1",
+                str(tmp / f"pt_{time.time_ns()}"),
+                env={"TOKENIZERS_PARALLELISM": "true"},
+            ),
+            f"prepare_workers_{cores}": lambda: _sub(
+                "prepare", str(corpus), str(tok_file), str(cores), str(tmp / f"pn_{time.time_ns()}")
+            ),
+        }
+        runs: dict[str, list[dict]] = {k: [] for k in variants}
+        for rep in range(args.repeats):
+            for name, fn in variants.items():
+                r = fn()
+                runs[name].append(r)
+                print(
+                    f"[{rep}] {name:20s} {r['text_mb_per_s']:6.2f} MB/s {r['tokens_per_s'] / 1e3:8.1f}k tok/s"
+                    f" {r['tokens_per_cpu_s'] / 1e3:8.1f}k tok/cpu-s",
+                    file=sys.stderr,
+                )
+
+        data_dir = tmp / "reader_data"
+        _sub("prepare", str(corpus), str(tok_file), str(cores), str(data_dir))
+        reader = _sub("reader", str(data_dir))
+        for k, v in reader.items():
+            print(f"reader {k}: {v['batches_per_s']:.0f} batches/s", file=sys.stderr)
+
+    def summary(rs: list[dict]) -> dict:
+        mb = [r["text_mb_per_s"] for r in rs]
+        ts = [r["tokens_per_s"] for r in rs]
+        cpu = [r["tokens_per_cpu_s"] for r in rs]
+        return {
+            "tokens_per_cpu_s_median": round(statistics.median(cpu)),
+            "text_mb_per_s_best": round(max(mb), 3),
+            "text_mb_per_s_median": round(statistics.median(mb), 3),
+            "tokens_per_s_best": round(max(ts)),
+            "tokens_per_s_median": round(statistics.median(ts)),
+            "runs": [{k: round(v, 3) for k, v in r.items()} for r in rs],
+        }
+
+    prep = {k: summary(v) for k, v in runs.items()}
+    base = prep["baseline_1thread"]["text_mb_per_s_median"]
+    result = {
+        "benchmark": "data pipeline (benchmarks/bench_data.py)",
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "device": device_info(),
+        "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        "corpus": {"name": "embedded Shakespeare", "copies": args.copies, "text_mb": round(text_mb, 3)},
+        "tokenizer": {
+            "kind": "byte-level BPE",
+            "vocab_size": tok.vocab_size,
+            "train_seconds": round(train_s, 2),
+        },
+        "prepare": prep,
+        "speedup_vs_baseline_1thread_median": {
+            k: round(v["text_mb_per_s_median"] / base, 2) for k, v in prep.items() if k != "baseline_1thread"
+        },
+        "speedup_vs_baseline_1thread_best": {
+            k: round(v["text_mb_per_s_best"] / prep["baseline_1thread"]["text_mb_per_s_best"], 2)
+            for k, v in prep.items()
+            if k != "baseline_1thread"
+        },
+        "note": "the cores are shared with other jobs (see load averages): best-of-N is the least disturbed run; "
+        "tokens_per_cpu_s (CPU time of the process and its workers) is the load-robust efficiency figure",
+        "reader": {k: {kk: round(vv, 3) for kk, vv in v.items()} for k, v in reader.items()},
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result["speedup_vs_baseline_1thread_median"]), file=sys.stderr)
+    print(f"wrote {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
