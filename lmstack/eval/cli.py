@@ -1,0 +1,180 @@
+"""`lmstack eval {harness,mqar,ppl}`: argument parsing only; the work is in harness, mqar and ppl."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+
+
+def _add_harness(sub) -> None:
+    from lmstack.eval.harness import PRESETS
+
+    p = sub.add_parser(
+        "harness",
+        help="zero-shot lm-eval tasks on an exported model or a checkpoint",
+        description="Zero-shot evaluation through lm-eval. Presets: "
+        + "; ".join(f"{k} = {', '.join(v)}" for k, v in PRESETS.items()),
+    )
+    p.add_argument(
+        "model", help="exported model folder, or a checkpoint / run directory (exported on the fly)"
+    )
+    p.add_argument(
+        "--tasks", nargs="+", default=["paper"], help="task names or presets, space or comma separated"
+    )
+    p.add_argument("--batch-size", default="8", help="lm-eval batch size (an integer or 'auto')")
+    p.add_argument("--dtype", default="float32", help="auto, float32, bfloat16 or float16")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    bos = p.add_mutually_exclusive_group()
+    bos.add_argument(
+        "--add-bos",
+        dest="add_bos",
+        action="store_const",
+        const=True,
+        default=None,
+        help="force BOS before every input (default: as in training, read from the tokenizer)",
+    )
+    bos.add_argument("--no-add-bos", dest="add_bos", action="store_const", const=False)
+    p.add_argument(
+        "--limit", type=float, default=None, help="examples per task (a fraction if < 1), for quick runs"
+    )
+    p.add_argument(
+        "--max-length", type=int, default=None, help="context length (default: the model's max_seq_len)"
+    )
+    p.add_argument("--include-path", action="append", default=[], help="extra folder of lm-eval task YAMLs")
+    p.add_argument("--output", "-o", default=None, help="folder for harness.json and harness.md")
+    p.set_defaults(func=cmd_harness)
+
+
+def cmd_harness(args: argparse.Namespace) -> None:
+    from lmstack.eval.harness import markdown, run_harness
+
+    bs = args.batch_size if str(args.batch_size).startswith("auto") else int(args.batch_size)
+    limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
+    rep = run_harness(
+        args.model,
+        args.tasks,
+        batch_size=bs,
+        dtype=args.dtype,
+        device=args.device,
+        add_bos=args.add_bos,
+        limit=limit,
+        include=args.include_path,
+        max_length=args.max_length,
+        output=args.output,
+        log=lambda m: print(m, file=sys.stderr),
+    )
+    print(markdown(rep["summary"], f"lm-eval zero-shot: {args.model}"), end="")
+
+
+def _add_mqar(sub) -> None:
+    from lmstack.eval.mqar import PRESETS
+
+    p = sub.add_parser(
+        "mqar",
+        help="multi-query associative recall sweep over mixers x d_model",
+        description="Zoology's MQAR: trains a 2-layer model (shortconv, then the mixer) per mixer, d_model and "
+        "learning rate; writes OUT.md, OUT.json and OUT.png. Presets: " + ", ".join(PRESETS),
+    )
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS))
+    p.add_argument(
+        "--mixers", default=None, help="comma-separated (default: every registered mixer but shortconv)"
+    )
+    p.add_argument("--d-models", default=None, help="comma-separated, e.g. 32,64,128")
+    p.add_argument("--lrs", default=None, help="comma-separated learning rates, e.g. 1e-3,3e-3")
+    p.add_argument("--vocab-size", type=int, default=None)
+    p.add_argument("--seq-len", type=int, default=None)
+    p.add_argument("--num-kv-pairs", type=int, default=None)
+    p.add_argument("--power-a", type=float, default=None)
+    p.add_argument("--train-size", type=int, default=None)
+    p.add_argument("--test-size", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--n-heads", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--mixer-options", default=None, help='JSON, e.g. {"lightning": {"chunk_size": 64}}')
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (per worker process)")
+    p.add_argument("--jobs", type=int, default=None, help="worker processes (one (mixer, d_model) each)")
+    p.add_argument("--out", default="mqar", help="output prefix (writes PREFIX.md/.json/.png)")
+    p.set_defaults(func=cmd_mqar)
+
+
+def cmd_mqar(args: argparse.Namespace) -> None:
+    from lmstack.eval import mqar
+
+    cfg = mqar.sweep_config(
+        args.preset,
+        mixers=mqar.parse_list(args.mixers, str),
+        d_models=mqar.parse_list(args.d_models, int),
+        lrs=mqar.parse_list(args.lrs, float),
+        vocab_size=args.vocab_size,
+        seq_len=args.seq_len,
+        num_kv_pairs=args.num_kv_pairs,
+        power_a=args.power_a,
+        train_size=args.train_size,
+        test_size=args.test_size,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        n_heads=args.n_heads,
+        seed=args.seed,
+        mixer_options=json.loads(args.mixer_options) if args.mixer_options else None,
+        threads=args.threads,
+        jobs=args.jobs,
+    )
+    result = mqar.run_sweep(cfg, log=lambda m: print(m, file=sys.stderr, flush=True))
+    command = mqar_command(args)
+    paths = mqar.write_outputs(result, args.out, command)
+    print(mqar.markdown_table(result, command), end="")
+    print(f"wrote {', '.join(map(str, paths))}", file=sys.stderr)
+
+
+def mqar_command(args: argparse.Namespace) -> str:
+    """The command line that reproduces this sweep (the options given, in a fixed order)."""
+    parts = ["lmstack", "eval", "mqar"]
+    for name, value in vars(args).items():
+        if name in ("func", "command", "eval_command") or value is None:
+            continue
+        parts += [f"--{name.replace('_', '-')}", str(value)]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def _add_ppl(sub) -> None:
+    p = sub.add_parser("ppl", help="perplexity on the held-out split of prepared data")
+    p.add_argument("model", help="exported model folder, or a checkpoint / run directory")
+    p.add_argument("--data", default=None, help="prepared data folder (default: the run config's data.path)")
+    p.add_argument("--seq-len", type=int, default=None, help="default: the run config's data.seq_len")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-batches", type=int, default=None, help="stop after this many batches")
+    p.add_argument("--split", default="val")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--output", "-o", default=None, help="JSON file for the result")
+    p.set_defaults(func=cmd_ppl)
+
+
+def cmd_ppl(args: argparse.Namespace) -> None:
+    from lmstack.eval.ppl import run_ppl
+
+    result = run_ppl(
+        args.model,
+        args.data,
+        args.seq_len,
+        args.batch_size,
+        args.max_batches,
+        args.device,
+        args.dtype,
+        args.output,
+        split=args.split,
+        log=lambda m: print(m, file=sys.stderr),
+    )
+    print(json.dumps(result, indent=2))
+
+
+def add_eval_parser(sub) -> None:
+    """Register `eval` and its sub-commands on the top-level subparsers of `lmstack`."""
+    p = sub.add_parser("eval", help="evaluate models: lm-eval harness, MQAR, held-out perplexity")
+    eval_sub = p.add_subparsers(dest="eval_command", required=True, metavar="EVAL_COMMAND")
+    _add_harness(eval_sub)
+    _add_mqar(eval_sub)
+    _add_ppl(eval_sub)

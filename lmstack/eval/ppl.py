@@ -1,0 +1,134 @@
+"""Perplexity on the held-out split of prepared data (`lmstack eval ppl`).
+
+Reads every token of the validation split once (`lmstack.data.ValReader`: fixed-length rows of the
+split's token stream, documents marked), runs the lmstack `LM` with the same document masking as
+training, and reports the mean next-token loss, perplexity and bits per token.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from lmstack.errors import LMStackError
+
+
+def load_lm(model_path: str | Path):
+    """-> (LM, RunConfig or None): an exported folder (its `LMStackForCausalLM.model`), or a trainer
+    checkpoint / run directory / plain model directory (via lmstack.export)."""
+    from lmstack.eval.harness import is_export_dir
+
+    path = Path(model_path)
+    if not path.exists():
+        raise LMStackError(f"{path}: no such model folder or checkpoint")
+    if is_export_dir(path):
+        from transformers import AutoModelForCausalLM
+
+        import lmstack  # noqa: F401  (registers the Auto classes)
+
+        hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+        lm = getattr(hf, "model", None)
+        if lm is None or not hasattr(lm, "blocks"):
+            raise LMStackError(f"{path}: not an lmstack export (model_type {hf.config.model_type})")
+        return lm.eval(), None
+    from lmstack.export.checkpoint import load_checkpoint_model
+
+    lm, run_config, _ = load_checkpoint_model(path)
+    return lm.eval(), run_config
+
+
+@torch.no_grad()
+def perplexity(
+    model,
+    data_dir: str | Path,
+    seq_len: int,
+    batch_size: int = 8,
+    max_batches: int | None = None,
+    split: str = "val",
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, Any]:
+    from lmstack.data import ValReader
+    from lmstack.model import Segments
+
+    reader = ValReader(data_dir, seq_len, batch_size, split=split)
+    vocab = getattr(reader.index, "vocab_size", None)
+    if vocab is not None and vocab > model.config.vocab_size:
+        raise LMStackError(
+            f"{data_dir}: its tokenizer has {vocab} tokens but the model only {model.config.vocab_size}: "
+            "not the data this model was trained on"
+        )
+    if seq_len > model.config.max_seq_len:
+        raise LMStackError(f"--seq-len {seq_len} exceeds the model's max_seq_len {model.config.max_seq_len}")
+    model = model.to(device=device, dtype=dtype).eval()
+    nll, count, batches = 0.0, 0, 0
+    start = time.perf_counter()
+    for batch in reader:
+        ids = batch.input_ids.to(device)
+        segments = Segments.from_doc_ids(batch.doc_ids.to(device))
+        logits, _ = model(ids, segments=segments)
+        labels = batch.labels.to(device)
+        nll += F.cross_entropy(
+            logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum"
+        ).item()
+        count += int((labels != -100).sum())
+        batches += 1
+        if max_batches is not None and batches >= max_batches:
+            break
+    if count == 0:
+        raise LMStackError(f"{data_dir}: the '{split}' split has no tokens to score")
+    loss = nll / count
+    return {
+        "data": str(data_dir),
+        "split": split,
+        "seq_len": seq_len,
+        "tokens": count,
+        "loss": loss,
+        "perplexity": math.exp(loss),
+        "bits_per_token": loss / math.log(2),
+        "complete": max_batches is None or batches < max_batches or batches == len(reader),
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+
+
+def run_ppl(
+    model_path: str,
+    data_dir: str | None = None,
+    seq_len: int | None = None,
+    batch_size: int = 8,
+    max_batches: int | None = None,
+    device: str | None = None,
+    dtype: str = "float32",
+    output: str | None = None,
+    split: str = "val",
+    log=print,
+) -> dict[str, Any]:
+    """The work behind `lmstack eval ppl`."""
+    lm, run_config = load_lm(model_path)
+    if data_dir is None:
+        if run_config is None:
+            raise LMStackError("--data: give the prepared data folder (the model folder does not name one)")
+        data_dir = run_config.data.path
+    if seq_len is None:
+        seq_len = run_config.data.seq_len if run_config is not None else lm.config.max_seq_len
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in dtypes:
+        raise LMStackError(f"--dtype {dtype}: expected one of {', '.join(dtypes)}")
+    result = perplexity(lm, data_dir, seq_len, batch_size, max_batches, split, device, dtypes[dtype])
+    result["model"] = str(model_path)
+    log(
+        f"{model_path} on {data_dir} ({result['split']}, {result['tokens']} tokens, seq_len {seq_len}): "
+        f"loss {result['loss']:.4f}  ppl {result['perplexity']:.3f}  bits/token {result['bits_per_token']:.4f}"
+    )
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(json.dumps(result, indent=2) + "\n")
+        log(f"wrote {output}")
+    return result

@@ -1,0 +1,176 @@
+"""MQAR: the generator's invariants, the short-convolution mixer, and a tiny sweep end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lmstack.errors import LMStackError
+from lmstack.eval import mqar
+from lmstack.model import LM, MIXERS, ModelConfig, Segments
+
+
+@pytest.mark.parametrize("V,T,K,power_a", [(64, 32, 4, 0.01), (256, 128, 16, 0.01), (100, 64, 16, 0.5)])
+def test_generator_invariants(V, T, K, power_a):
+    x, y = mqar.multiquery_ar(V, 200, T, K, power_a=power_a, seed=3)
+    assert x.shape == y.shape == (200, T) and x.dtype == y.dtype == torch.long
+    assert x.min() >= 0 and x.max() < V
+    half = V // 2
+    for i in range(len(x)):
+        keys, values = x[i, 0 : 2 * K : 2], x[i, 1 : 2 * K : 2]
+        # keys and values come from disjoint halves of the vocabulary, distinct within a sequence
+        assert (keys >= 1).all() and (keys < half).all() and (values >= half).all() and (values < V).all()
+        assert len(set(keys.tolist())) == K and len(set(values.tolist())) == K
+        kv = dict(zip(keys.tolist(), values.tolist()))
+        # labels only at query positions: one per key, all after the key-value region
+        q = (y[i] != mqar.IGNORE).nonzero().flatten()
+        assert len(q) == K and (q >= 2 * K).all()
+        assert (y[i, : 2 * K] == mqar.IGNORE).all()
+        # every query is a key, each key is asked once, and its answer is that key's value
+        assert sorted(x[i, q].tolist()) == sorted(kv)
+        for pos in q.tolist():
+            assert y[i, pos].item() == kv[x[i, pos].item()]
+
+
+def test_generator_is_deterministic_and_power_law_prefers_short_gaps():
+    a = mqar.multiquery_ar(256, 64, 128, 8, seed=1)
+    b = mqar.multiquery_ar(256, 64, 128, 8, seed=1)
+    c = mqar.multiquery_ar(256, 64, 128, 8, seed=2)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and not torch.equal(a[0], c[0])
+    _, y = mqar.multiquery_ar(256, 2000, 128, 8, power_a=0.01, seed=0)
+    q = (y != mqar.IGNORE).nonzero()[:, 1] - 16  # offsets in the query region
+    early, late = (q < 56).sum().item(), (q >= 56).sum().item()
+    assert early > 1.3 * late
+
+
+def test_generator_rejects_bad_settings():
+    with pytest.raises(LMStackError, match="num_kv_pairs"):
+        mqar.multiquery_ar(256, 4, 64, 17)
+    with pytest.raises(LMStackError, match="even"):
+        mqar.multiquery_ar(256, 4, 63, 4)
+    with pytest.raises(LMStackError, match="vocab_size"):
+        mqar.multiquery_ar(8, 4, 64, 8)
+
+
+def test_shortconv_registered_and_causal():
+    assert "shortconv" in MIXERS
+    cfg = ModelConfig(vocab_size=50, d_model=16, n_layers=1, n_heads=2, layer_mixers=["shortconv"])
+    conv = LM(cfg).blocks[0].mixer
+    x = torch.randn(2, 10, 16, requires_grad=True)
+    y, _ = conv(x)
+    y[:, 5].sum().backward()
+    touched = x.grad.abs().sum(dim=(0, 2)) > 0
+    assert touched.tolist() == [False, False, True, True, True, True, False, False, False, False]
+
+
+def test_shortconv_state_and_documents():
+    cfg = ModelConfig(vocab_size=50, d_model=16, n_layers=1, n_heads=2, layer_mixers=["shortconv"])
+    conv = LM(cfg).blocks[0].mixer
+    x = torch.randn(2, 12, 16)
+    full, _ = conv(x)
+    # chunked with the state (the last k-1 inputs) == one pass, also token by token
+    a, st = conv(x[:, :5], use_cache=True)
+    b, st = conv(x[:, 5:], state=st, use_cache=True)
+    torch.testing.assert_close(torch.cat([a, b], 1), full)
+    st, outs = None, []
+    for t in range(12):
+        o, st = conv(x[:, t : t + 1], state=st, use_cache=True)
+        outs.append(o)
+    torch.testing.assert_close(torch.cat(outs, 1), full)
+    assert st.window.shape == (2, 3, 16)
+    # packed documents: the second document is computed as if alone, and so is its state
+    docs = torch.tensor([[0] * 7 + [1] * 5] * 2)
+    packed, st_p = conv(x, Segments.from_doc_ids(docs), use_cache=True)
+    alone, st_a = conv(x[:, 7:], use_cache=True)
+    torch.testing.assert_close(packed[:, 7:], alone)
+    torch.testing.assert_close(packed[:, :7], full[:, :7])
+    torch.testing.assert_close(st_p.window, st_a.window)
+    short = torch.tensor([[0] * 11 + [1]] * 2)  # a 1-token document: the state holds only it
+    _, st_s = conv(x, Segments.from_doc_ids(short), use_cache=True)
+    assert (st_s.window[:, :2] == 0).all() and torch.equal(st_s.window[:, 2], x[:, 11])
+
+
+def test_state_size_counts_the_mixer_layer():
+    cfg = mqar.MQARConfig(vocab_size=64, seq_len=32, num_kv_pairs=4)
+    model = LM(mqar.probe_model_config("attention", 32, cfg))
+    assert mqar.state_size(model, 32) == 2 * 32 * 32  # keys and values of 32 tokens
+    assert mqar.state_size(model, 32, layer=0) == 3 * 32  # shortconv: last k-1 inputs
+
+
+def test_tiny_sweep_writes_table_json_and_plot(tmp_path):
+    cfg = mqar.sweep_config(
+        None,
+        vocab_size=64,
+        seq_len=32,
+        num_kv_pairs=4,
+        train_size=128,
+        test_size=32,
+        epochs=1,
+        batch_size=32,
+        d_models=[16, 32],
+        lrs=[3e-3],
+        mixers=["attention"],
+    )
+    result = mqar.run_sweep(cfg, log=lambda m: None)
+    assert [(b["mixer"], b["d_model"]) for b in result["best"]] == [("attention", 16), ("attention", 32)]
+    for b in result["best"]:
+        assert 0 <= b["accuracy"] <= 1 and b["state_size"] == 2 * 32 * b["d_model"]
+    paths = mqar.write_outputs(result, tmp_path / "mqar", "lmstack eval mqar --test")
+    assert [p.name for p in paths] == ["mqar.json", "mqar.md", "mqar.png"]
+    assert json.loads(paths[0].read_text())["command"] == "lmstack eval mqar --test"
+    md = paths[1].read_text()
+    assert "| attention |" in md and "d_model=16" in md and "lmstack eval mqar --test" in md
+    assert paths[2].stat().st_size > 1000
+
+
+def test_parallel_sweep_matches_sequential():
+    kw = dict(vocab_size=64, seq_len=32, num_kv_pairs=4, train_size=64, test_size=16, epochs=1, batch_size=32)
+    kw |= dict(d_models=[16, 32], lrs=[1e-3], mixers=["attention"], threads=1)
+    seq = mqar.run_sweep(mqar.sweep_config(None, **kw), log=lambda m: None)
+    par = mqar.run_sweep(mqar.sweep_config(None, jobs=2, **kw), log=lambda m: None)
+    assert [(r["d_model"], r["accuracy"], r["final_loss"]) for r in par["runs"]] == [
+        (r["d_model"], r["accuracy"], r["final_loss"]) for r in seq["runs"]
+    ]
+
+
+def test_default_sweep_covers_registry_but_shortconv():
+    assert mqar.default_mixers() == [m for m in MIXERS if m != "shortconv"]
+    with pytest.raises(LMStackError, match="unknown mixer"):
+        mqar.run_sweep(mqar.sweep_config(None, mixers=["nope"]), log=lambda m: None)
+
+
+def test_cli_mqar(tmp_path, capsys):
+    from lmstack.cli import main
+
+    out = tmp_path / "res"
+    main(
+        [
+            "eval",
+            "mqar",
+            "--mixers",
+            "attention",
+            "--d-models",
+            "16",
+            "--lrs",
+            "1e-3",
+            "--vocab-size",
+            "64",
+            "--seq-len",
+            "32",
+            "--num-kv-pairs",
+            "4",
+            "--train-size",
+            "64",
+            "--test-size",
+            "16",
+            "--epochs",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
+    assert "| attention |" in capsys.readouterr().out
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert saved["command"].startswith("lmstack eval mqar --mixers attention --d-models 16")

@@ -1,0 +1,77 @@
+"""Held-out perplexity on prepared data, and the eval CLI on a checkpoint-style model folder."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from lmstack.errors import LMStackError
+from lmstack.eval.ppl import perplexity, run_ppl
+
+
+def test_ppl_scores_every_validation_token(prepared, models):
+    cfg, index = prepared
+    untrained, trained = models
+    r_u = perplexity(untrained, cfg.path, seq_len=64, batch_size=4)
+    r_t = perplexity(trained, cfg.path, seq_len=64, batch_size=4)
+    assert r_t["tokens"] == r_u["tokens"] == index.num_tokens("val") - 1
+    assert r_t["perplexity"] < r_u["perplexity"] / 3
+    assert math.isclose(r_t["perplexity"], math.exp(r_t["loss"]))
+    assert r_u["perplexity"] == pytest.approx(index.vocab_size, rel=0.5)  # untrained: near uniform
+    # the row length does not change the sum over documents much (documents are masked, not cut)
+    r_long = perplexity(trained, cfg.path, seq_len=128, batch_size=2)
+    assert r_long["tokens"] == r_t["tokens"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, prepared, models):
+    """A plain model directory (config.yaml naming the data, model.safetensors, tokenizer/)."""
+    from lmstack.config import RunConfig
+    from lmstack.export.checkpoint import save_model_dir
+
+    cfg, _ = prepared
+    _, trained = models
+    run_config = RunConfig(model=trained.config, data=cfg)
+    out = tmp_path_factory.mktemp("ckpt") / "model"
+    return save_model_dir(trained, out, run_config, tokenizer_dir=Path(cfg.path) / "tokenizer")
+
+
+def test_run_ppl_reads_data_from_run_config(model_dir, prepared, models, tmp_path):
+    cfg, _ = prepared
+    out = tmp_path / "ppl.json"
+    res = run_ppl(str(model_dir), output=str(out), log=lambda m: None)
+    assert res["data"] == cfg.path and res["seq_len"] == cfg.seq_len
+    direct = perplexity(models[1], cfg.path, seq_len=cfg.seq_len)
+    assert res["perplexity"] == pytest.approx(direct["perplexity"], rel=1e-5)
+    assert json.loads(out.read_text())["perplexity"] == res["perplexity"]
+
+
+def test_run_ppl_on_export(exported, prepared):
+    cfg, _ = prepared
+    res = run_ppl(str(exported["trained"]), data_dir=cfg.path, seq_len=64, log=lambda m: None)
+    with pytest.raises(LMStackError, match="--data"):
+        run_ppl(str(exported["trained"]), log=lambda m: None)
+    assert res["tokens"] > 0 and res["perplexity"] > 1
+
+
+def test_cli_harness_exports_a_checkpoint_on_the_fly(model_dir, tmp_path, capsys):
+    from lmstack.cli import main
+
+    main(["eval", "harness", str(model_dir), "--tasks", "lmstack_mc", "--limit", "8", "-o", str(tmp_path)])
+    out = capsys.readouterr()
+    assert "| lmstack_mc | acc (%) |" in out.out
+    assert "exported" in out.err
+    assert json.loads((tmp_path / "harness.json").read_text())["n_samples"]["lmstack_mc"]["effective"] == 8
+
+
+def test_cli_ppl(model_dir, capsys):
+    from lmstack.cli import main
+
+    main(["eval", "ppl", str(model_dir), "--max-batches", "1", "--batch-size", "2"])
+    out = capsys.readouterr()
+    res = json.loads(out.out)
+    assert 0 < res["tokens"] <= 2 * 64 and not res["complete"]
+    assert "ppl" in out.err
