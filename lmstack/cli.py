@@ -29,6 +29,58 @@ def cmd_show_config(args: argparse.Namespace) -> None:
     print(dump_config(load_run_config(args)), end="")
 
 
+def cmd_prepare_data(args: argparse.Namespace) -> None:
+    from lmstack.data import prepare_data
+
+    config = load_run_config(args)
+    index = prepare_data(config.data, progress=not args.quiet)
+    st = index.stats
+    print(
+        f"prepared {index.path}: train {index.num_tokens('train'):,} tokens / {index.num_documents('train'):,} docs, "
+        f"val {index.num_tokens('val'):,} tokens / {index.num_documents('val'):,} docs; vocab {index.vocab_size} "
+        f"({index.dtype}), tokenizer sha256 {index.tokenizer['sha256'][:12]}; "
+        f"{len(st['shards_written'])} shards written, {len(st['shards_skipped'])} skipped, "
+        f"{st['text_mb_per_s']} MB/s, {st['tokens_per_s']:,.0f} tokens/s"
+    )
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from lmstack.export.exporter import export_checkpoint
+
+    result = export_checkpoint(
+        args.checkpoint,
+        args.out_dir,
+        fmt=args.format,
+        max_shard_size=args.max_shard_size,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+        verify=not args.no_verify,
+    )
+    print(f"exported {result.format} model to {result.out_dir} ({len(result.files)} files)")
+    if result.max_abs_diff is not None:
+        print(f"verified: reloaded logits match the checkpoint (max abs diff {result.max_abs_diff:.2e})")
+    for note in result.notes:
+        print(f"note: {note}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from lmstack.train import train
+
+    summary = train(load_run_config(args), resume=args.resume)
+    if "checkpoints" in summary:  # the main rank
+        line = f"trained {summary['step']} steps, {summary['tokens']:,} tokens"
+        if "val_loss" in summary:
+            line += f", val_loss {summary['val_loss']:.4f}, val_ppl {summary['val_ppl']:.2f}"
+        print(f"{line}; checkpoint {summary['checkpoint']}")
+
+
+def cmd_plot(args: argparse.Namespace) -> None:
+    from lmstack.train.plot import plot_run
+
+    for path in plot_run(args.run_dir):
+        print(f"wrote {path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmstack", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -36,6 +88,69 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("show-config", help="print a run config after overrides and validation")
     add_config_args(p)
     p.set_defaults(func=cmd_show_config)
+
+    p = sub.add_parser(
+        "prepare-data",
+        help="tokenize the text of the config's data section into token shards under data.path",
+        description="Tokenize text (data.source/inputs) with data.tokenizer into memory-mapped shards, an "
+        "index and a validation split under data.path; a re-run skips finished shards.",
+    )
+    add_config_args(p)
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or log lines")
+    p.set_defaults(func=cmd_prepare_data)
+
+    p = sub.add_parser(
+        "export",
+        help="export a checkpoint as a Hugging Face model folder",
+        description="Write a Hugging Face folder (config, safetensors, model code, tokenizer, generation "
+        "config) that loads with AutoModelForCausalLM.from_pretrained(OUT_DIR, trust_remote_code=True), "
+        "also where lmstack is not installed; or, with --format llama, a plain LlamaForCausalLM.",
+    )
+    p.add_argument("checkpoint", help="run dir, its checkpoints/ dir, or one checkpoint tag dir")
+    p.add_argument("out_dir", help="output folder (written atomically)")
+    p.add_argument(
+        "--format",
+        choices=["lmstack", "llama"],
+        default="lmstack",
+        help="lmstack: custom code travels with the export (any mixers); llama: native LlamaForCausalLM "
+        "(attention-only models)",
+    )
+    p.add_argument(
+        "--max-shard-size", default="2GB", help="split weights into shards past this size (default 2GB)"
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default=None,
+        help="weight dtype (default fp32)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists and is not empty")
+    p.add_argument("--no-verify", action="store_true", help="skip reloading the export and comparing logits")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "train",
+        help="train a model with DeepSpeed (one process, or under torchrun)",
+        description="Train the config's model on the prepared data in data.path; logs, checkpoints and "
+        "TensorBoard go to train.run_dir. Runs as one plain process or under torchrun (see launch/).",
+    )
+    add_config_args(p)
+    p.add_argument(
+        "--resume",
+        default=None,
+        metavar="auto|PATH",
+        help="auto: continue from the run dir's latest checkpoint if there is one, else start; PATH: a run "
+        "dir, its checkpoints/ dir or one checkpoint (default: start, refusing a run dir with checkpoints)",
+    )
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("plot", help="write loss and throughput curves (PNG) of a run directory")
+    p.add_argument("run_dir", help="a train.run_dir holding metrics.jsonl")
+    p.set_defaults(func=cmd_plot)
+
+    from lmstack.eval.cli import add_eval_parser
+
+    add_eval_parser(sub)  # `lmstack eval {harness,mqar,ppl}` (lmstack/eval/cli.py)
 
     return parser
 

@@ -3,25 +3,192 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
+from lmstack.errors import ConfigError
 from lmstack.model.config import ModelConfig
 
 
 @dataclass
 class DataConfig:
-    """Where training tokens come from (filled in by the data pipeline)."""
+    """Where training tokens come from: `lmstack prepare-data` turns text into token shards under
+    `path`; the trainer reads packed `seq_len` samples from there (see lmstack.data)."""
 
     # Folder of prepared, memory-mapped token shards (`lmstack prepare-data` writes it).
     path: str = "data/default"
     seq_len: int = 256
+    # Seed of the shuffled order of training samples (independent of the model's init seed).
+    seed: int = 1234
+
+    # --- prepare-data: the text ---------------------------------------------------------------
+    # default: the Shakespeare corpus shipped in lmstack/data/corpus; jsonl/pile: .jsonl or .jsonl.zst
+    # files (Pile format {"text", "meta": {"pile_set_name"}}); text: plain .txt(.zst) files;
+    # hf: a `datasets` data set (inputs[0] is a hub name or a local path).
+    source: Literal["default", "jsonl", "pile", "text", "hf"] = "default"
+    # Files, folders or glob patterns (jsonl/pile/text), or the data set name/path (hf).
+    inputs: list[str] = field(default_factory=list)
+    # Field holding the text (jsonl lines, hf column).
+    text_key: str = "text"
+    # Keep only these Pile subsets (meta.pile_set_name), e.g. ["Pile-CC", "Wikipedia (en)"]; null: all.
+    pile_subsets: list[str] | None = None
+    # Plain text: one document per file, per blank-line-separated paragraph, or per line.
+    text_doc_split: Literal["file", "blank_lines", "line"] = "file"
+    hf_config: str | None = None
+    hf_split: str = "train"
+    hf_streaming: bool = False
+    # Stop after this many documents (null: all); handy for quick runs and benchmarks.
+    max_documents: int | None = None
+
+    # --- prepare-data: the tokenizer -----------------------------------------------------------
+    # "bpe": train a byte-level BPE on the corpus; otherwise a tokenizer.json file, a tokenizer folder
+    # or a Hugging Face hub name (e.g. the GPT-NeoX-20B tokenizer for the Pile).
+    tokenizer: str = "bpe"
+    # Vocabulary size of a trained BPE (special tokens included).
+    vocab_size: int = 8192
+    # Megabytes of training-split text the BPE is trained on (the first ones of the stream).
+    bpe_train_mb: float = 256.0
+    # Every document ends with EOS; with add_bos it also starts with BOS.
+    add_bos: bool = False
+    # Special-token strings of a loaded tokenizer (null: from its tokenizer_config.json or usual names).
+    eos_token: str | None = None
+    bos_token: str | None = None
+
+    # --- prepare-data: the output --------------------------------------------------------------
+    # Every round(1 / val_fraction)-th document goes to the held-out validation split (0: none).
+    val_fraction: float = 0.02
+    # A shard closes once it holds this many megabytes of text.
+    shard_mb: float = 64.0
+    # Tokenizer worker processes (0: one per CPU core; 1: tokenize in this process).
+    num_workers: int = 0
+    # Documents per tokenization task sent to a worker.
+    batch_docs: int = 128
+
+    def validate(self, prefix: str = "") -> None:
+        def fail(name: str, msg: str) -> None:
+            raise ConfigError(f"{prefix}{name}: {msg}")
+
+        if not self.path:
+            fail("path", "expected a folder for the prepared data, got an empty string")
+        if self.seq_len < 1:
+            fail("seq_len", f"expected a positive integer, got {self.seq_len}")
+        if self.source != "default" and not self.inputs:
+            fail("inputs", f"source '{self.source}' needs at least one file, folder, pattern or data set")
+        if self.source == "hf" and len(self.inputs) != 1:
+            fail("inputs", f"source 'hf' takes exactly one data set name or path, got {len(self.inputs)}")
+        if self.max_documents is not None and self.max_documents < 1:
+            fail("max_documents", f"expected a positive integer or null, got {self.max_documents}")
+        if not self.tokenizer:
+            fail("tokenizer", "expected 'bpe' or a tokenizer file, folder or hub name")
+        if self.tokenizer == "bpe" and not 260 <= self.vocab_size <= 2**32 - 1:
+            fail("vocab_size", f"a byte-level BPE needs 260 <= vocab_size, got {self.vocab_size}")
+        if self.bpe_train_mb <= 0:
+            fail("bpe_train_mb", f"expected a positive number, got {self.bpe_train_mb}")
+        if not 0.0 <= self.val_fraction <= 0.5:
+            fail("val_fraction", f"expected a number in [0, 0.5], got {self.val_fraction}")
+        if self.shard_mb <= 0:
+            fail("shard_mb", f"expected a positive number, got {self.shard_mb}")
+        if self.num_workers < 0:
+            fail("num_workers", f"expected 0 (one per core) or a positive integer, got {self.num_workers}")
+        if self.batch_docs < 1:
+            fail("batch_docs", f"expected a positive integer, got {self.batch_docs}")
 
 
 @dataclass
 class TrainConfig:
-    """Optimisation and run settings (filled in by the trainer)."""
+    """Optimisation and run settings (`lmstack train`; see lmstack/train/__init__.py).
+
+    Batch: `global_batch_size` sequences of `data.seq_len` tokens per optimizer step, split as
+    micro_batch_size x grad_accum x data-parallel ranks (grad_accum is derived when null and checked
+    when given). Length: `max_tokens` when set (rounded up to whole steps), else `max_steps`.
+    """
 
     run_dir: str = "runs/default"
     seed: int = 0
+    # Length of the run in optimizer steps, or in tokens (when set, max_tokens wins; rounded up to steps).
+    max_steps: int | None = 200
+    max_tokens: int | None = None
+    # Batch, in sequences of data.seq_len tokens.
+    global_batch_size: int = 16
+    micro_batch_size: int = 8
+    grad_accum: int | None = None
+    # AdamW (decoupled weight decay; never applied to norms, biases and embeddings).
+    lr: float = 3.0e-4
+    min_lr: float = 3.0e-5
+    warmup_steps: int = 20
+    # Cosine decay from lr to min_lr over this many steps after warm-up (null: to the end of the run).
+    decay_steps: int | None = None
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1.0e-8
+    grad_clip: float = 1.0
+    # DeepSpeed ZeRO stage: 0 (plain data parallel), 1 (optimizer states), 2 (+ gradients), 3 (+ weights).
+    zero_stage: int = 0
+    # auto: bf16 (fp32 master weights and gradient accumulation) on CUDA, fp32 on CPU. bf16 runs
+    # use at least ZeRO stage 1 (DeepSpeed's fp32 master weights live in its ZeRO optimizers).
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    activation_checkpointing: bool = False
+    # torch.compile each block; null: on with CUDA, off on CPU.
+    compile: bool | None = None
+    # Logging, evaluation, checkpoints (in optimizer steps).
+    log_every: int = 10
+    eval_every: int = 100
+    # Validation micro-batches per evaluation, over all ranks (null: the whole validation split; 0: none).
+    eval_batches: int | None = 16
+    save_every: int = 100
+    keep_last: int = 3
+    tensorboard: bool = True
+    progress_bar: bool = True
+    # Non-finite losses tolerated (each skips its step) before the run stops with an error.
+    max_nan_skips: int = 10
+    # Collective timeout: a dead rank makes the others fail after at most this long.
+    dist_timeout_s: int = 600
+    # Peak FLOP/s of one device for MFU; null: looked up by device name (none on CPU: MFU not reported).
+    peak_flops: float | None = None
+
+    def validate(self, prefix: str = "") -> None:
+        def fail(name: str, msg: str) -> None:
+            raise ConfigError(f"{prefix}{name}: {msg}")
+
+        if self.max_steps is None and self.max_tokens is None:
+            fail("max_steps", "set max_steps or max_tokens (the length of the run)")
+        positive = ["global_batch_size", "micro_batch_size", "log_every", "eval_every", "save_every"]
+        positive += ["keep_last", "dist_timeout_s"]
+        positive += [
+            n
+            for n in ("max_steps", "max_tokens", "grad_accum", "decay_steps")
+            if getattr(self, n) is not None
+        ]
+        for name in positive:
+            if getattr(self, name) <= 0:
+                fail(name, f"expected a positive integer, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_batches", "max_nan_skips"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                fail(name, f"expected a non-negative integer, got {getattr(self, name)}")
+        if self.lr <= 0:
+            fail("lr", f"expected a positive number, got {self.lr}")
+        if not 0 <= self.min_lr <= self.lr:
+            fail("min_lr", f"expected 0 <= min_lr <= lr={self.lr}, got {self.min_lr}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                fail(name, f"expected a number in [0, 1), got {getattr(self, name)}")
+        if self.weight_decay < 0 or self.eps <= 0 or self.grad_clip < 0:
+            fail("weight_decay", "weight_decay and grad_clip must be >= 0 and eps > 0")
+        if self.zero_stage not in (0, 1, 2, 3):
+            fail("zero_stage", f"expected 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.global_batch_size % self.micro_batch_size:
+            fail(
+                "global_batch_size",
+                f"{self.global_batch_size} is not a multiple of micro_batch_size={self.micro_batch_size}",
+            )
+        if self.grad_accum is not None and self.global_batch_size % (self.micro_batch_size * self.grad_accum):
+            fail(
+                "grad_accum",
+                f"global_batch_size={self.global_batch_size} is not a multiple of micro_batch_size x "
+                f"grad_accum = {self.micro_batch_size} x {self.grad_accum}",
+            )
+        if self.peak_flops is not None and self.peak_flops <= 0:
+            fail("peak_flops", f"expected a positive number, got {self.peak_flops}")
 
 
 @dataclass

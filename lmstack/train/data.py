@@ -1,0 +1,132 @@
+"""The trainer's view of the data: a stateful training reader and validation batches.
+
+The real readers live in `lmstack.data` (prepared shards in `data.path`); this module adapts them to
+what the loop needs and adds `SyntheticReader` (random tokens, no files) for benchmarks and tests.
+
+A reader yields `lmstack.data.Batch`es (`input_ids`, `labels` (-100: ignore), `doc_ids`, each
+`[micro_batch, seq_len]` int64) from this rank's share of the data, and has `state_dict()` /
+`load_state_dict()`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from lmstack.config.schema import RunConfig
+from lmstack.data.reader import Batch
+from lmstack.errors import LMStackError
+
+
+class Reader(Protocol):
+    def __next__(self) -> Batch: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class DataSource:
+    """What the trainer gets from the data side."""
+
+    train: Reader
+    # This rank's validation micro-batches, from the start (None: no validation split).
+    val: Callable[[], Iterable[Batch]] | None
+    tokenizer_dir: Path | None
+    vocab_size: int | None
+    # bos/eos/pad token ids of the data's tokenizer (recorded in the run's resolved model config).
+    token_ids: dict[str, int | None] | None = None
+
+
+class SyntheticReader:
+    """Uniform random tokens, seeded per global sample: rank r's k-th micro-batch holds samples
+    `(k * world + r) * micro_batch + [0, micro_batch)`, so every global step covers the same samples
+    whatever the split between ranks and accumulation. Documents of random lengths mark doc_ids."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        seq_len: int,
+        micro_batch: int,
+        rank: int,
+        world: int,
+        seed: int,
+        offset: int = 0,
+    ) -> None:
+        self.vocab_size, self.seq_len, self.micro_batch = vocab_size, seq_len, micro_batch
+        self.rank, self.world, self.seed, self.offset = rank, world, seed, offset
+        self.pos = 0
+
+    def _sample(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.offset + index)
+        tokens = torch.randint(0, self.vocab_size, (self.seq_len + 1,), generator=g)
+        starts = torch.rand(self.seq_len, generator=g) < 4 / self.seq_len
+        starts[0] = False
+        return tokens, starts.long().cumsum(0)
+
+    def __iter__(self) -> SyntheticReader:
+        return self
+
+    def __next__(self) -> Batch:
+        first = (self.pos * self.world + self.rank) * self.micro_batch
+        samples = [self._sample(first + i) for i in range(self.micro_batch)]
+        self.pos += 1
+        tokens = torch.stack([s[0] for s in samples])
+        return Batch(
+            input_ids=tokens[:, :-1].contiguous(),
+            labels=tokens[:, 1:].contiguous(),
+            doc_ids=torch.stack([s[1] for s in samples]),
+            sample_ids=torch.arange(first, first + self.micro_batch),
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"pos": self.pos, "world": self.world}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        # Samples consumed so far by all ranks, re-split over the current world.
+        consumed = state["pos"] * state["world"]
+        if consumed % self.world:
+            raise LMStackError(
+                f"synthetic reader: cannot re-split {consumed} micro-batches over {self.world} ranks"
+            )
+        self.pos = consumed // self.world
+
+
+def synthetic_source(config: RunConfig, rank: int, world: int, micro_batch: int) -> DataSource:
+    T, V, seed = config.data.seq_len, config.model.vocab_size, config.train.seed
+
+    def val() -> Iterable[Batch]:
+        return SyntheticReader(V, T, micro_batch, rank, world, seed, offset=10**9)
+
+    return DataSource(SyntheticReader(V, T, micro_batch, rank, world, seed), val, None, V)
+
+
+def check_prepared(path: Path) -> None:
+    if not (path / "index.json").is_file():
+        raise LMStackError(
+            f"data.path: no prepared data in '{path}' (no index.json); run `lmstack prepare-data` with "
+            f"the same config first"
+        )
+
+
+def prepared_source(config: RunConfig, rank: int, world: int, micro_batch: int) -> DataSource:
+    """Readers over the prepared shards in `data.path` (lmstack.data.TrainReader / ValReader)."""
+    path = Path(config.data.path)
+    check_prepared(path)
+    from lmstack.data import TrainReader, ValReader, load_index, model_token_ids
+
+    T = config.data.seq_len
+    train = TrainReader(path, T, micro_batch, rank=rank, world_size=world, seed=config.data.seed)
+    index = load_index(path)
+    val = None
+    if "val" in index.splits and index.shards("val"):
+
+        def val() -> Iterable[Batch]:
+            return ValReader(path, T, micro_batch, rank=rank, world_size=world)
+
+    tok_dir = path / "tokenizer"
+    ids = {k: v for k, v in model_token_ids(path).items() if k != "vocab_size"}
+    return DataSource(train, val, tok_dir if tok_dir.is_dir() else None, index.vocab_size, ids)
