@@ -32,8 +32,8 @@ def get_mixer(name: str) -> type[TokenMixer]:
 
 
 # One line per mixer.
-from lmstack.model.mixers import attention  # noqa: E402, F401
-from lmstack.model.mixers import lightning  # noqa: E402, F401
-from lmstack.model.mixers import shortconv  # noqa: E402, F401
+from lmstack.model.mixers import attention
+from lmstack.model.mixers import lightning
+from lmstack.model.mixers import shortconv
 
 __all__ = ["MIXERS", "NoOptions", "Segments", "TokenMixer", "get_mixer", "register"]

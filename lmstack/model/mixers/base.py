@@ -25,6 +25,13 @@ class NoOptions:
     """Options of a mixer that has none."""
 
 
+def document_starts(doc_ids: torch.Tensor) -> torch.Tensor:
+    """doc_ids: [B, T] -> bool [B, T], True where a document starts (every row starts one)."""
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    return starts
+
+
 @dataclass
 class Segments:
     """Document boundaries of a packed batch.
@@ -43,8 +50,7 @@ class Segments:
             raise ValueError(f"doc_ids: expected [B, T], got shape {tuple(doc_ids.shape)}")
         B, T = doc_ids.shape
         idx = torch.arange(T, device=doc_ids.device).expand(B, T)
-        starts = torch.ones_like(doc_ids, dtype=torch.bool)
-        starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+        starts = document_starts(doc_ids)
         start_idx = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
         return cls(doc_ids=doc_ids, positions=idx - start_idx)
 

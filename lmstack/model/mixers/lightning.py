@@ -36,7 +36,7 @@ from torch import nn
 from lmstack.errors import ConfigError
 from lmstack.model.config import ModelConfig
 from lmstack.model.mixers import register
-from lmstack.model.mixers.base import Segments, TokenMixer
+from lmstack.model.mixers.base import Segments, TokenMixer, document_starts
 from lmstack_kernels.lightning import MAX_HEAD_DIM, MIN_HEAD_DIM, lightning_attn
 
 CHUNK = 64  # the op's block length (Triton BT and the chunked PyTorch path)
@@ -143,10 +143,7 @@ class LightningAttention(TokenMixer):
         h0 = state.kv if state is not None else None
         cu = None
         if segments is not None and T > 1:
-            doc = segments.doc_ids
-            starts = torch.ones_like(doc, dtype=torch.bool)
-            starts[:, 1:] = doc[:, 1:] != doc[:, :-1]
-            idx = torch.nonzero(starts.reshape(-1)).flatten()
+            idx = torch.nonzero(document_starts(segments.doc_ids).reshape(-1)).flatten()
             if idx.numel() > B:  # some row holds several documents: run them as varlen
                 cu = torch.cat([idx, idx.new_tensor([B * T])]).to(torch.int32)
         if cu is None:
