@@ -8,7 +8,7 @@ import torch
 def rotary_cos_sin(
     positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """positions: [B, T] int -> (cos, sin): [B, T, 1, head_dim], computed in fp32 then cast.
+    """positions: [B or 1, T] int -> (cos, sin): [B or 1, T, 1, head_dim], computed in fp32 then cast.
 
     Computed on the fly rather than cached in a buffer: cheap, and it cannot go stale after loading."""
     inv_freq = 1.0 / (

@@ -76,7 +76,7 @@ class Attention(TokenMixer):
         if segments is not None:
             positions = segments.positions + past
         else:
-            positions = torch.arange(past, past + T, device=x.device).expand(B, T)
+            positions = torch.arange(past, past + T, device=x.device)[None]  # broadcast over the batch
         cos, sin = rotary_cos_sin(positions, self.head_dim, self.config.rope_theta, q.dtype)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if state is not None:
