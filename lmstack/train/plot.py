@@ -36,51 +36,36 @@ def plot_run(run_dir: str | Path) -> list[Path]:
 
     out_dir = run_dir / "plots"
     out_dir.mkdir(exist_ok=True)
-    written = []
+
+    def panel(ax, series: tuple[list[int], list[float]], title: str, **kw) -> None:
+        ax.plot(*series, **kw)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+
+    def save(fig, name: str) -> Path:
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=100)
+        plt.close(fig)
+        return out_dir / name
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    ax = axes[0]
-    ax.plot(*_series(train, "loss"), label="train loss", lw=1)
+    panel(axes[0], _series(train, "loss"), "loss", label="train loss", lw=1)
     if val:
-        ax.plot(*_series(val, "val_loss"), "o-", label="val loss", ms=3)
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_title("loss")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    axes[1].plot(*_series(train, "lr"))
-    axes[1].set_title("learning rate")
-    axes[1].set_xlabel("step")
-    axes[1].grid(alpha=0.3)
-    axes[2].plot(*_series(train, "grad_norm"))
-    axes[2].set_title("gradient norm (before clipping)")
-    axes[2].set_xlabel("step")
-    axes[2].grid(alpha=0.3)
-    fig.tight_layout()
-    path = out_dir / "loss.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    written.append(path)
+        axes[0].plot(*_series(val, "val_loss"), "o-", label="val loss", ms=3)
+    axes[0].set_ylabel("cross-entropy (nats/token)")
+    axes[0].legend()
+    panel(axes[1], _series(train, "lr"), "learning rate")
+    panel(axes[2], _series(train, "grad_norm"), "gradient norm (before clipping)")
+    written = [save(fig, "loss.png")]
 
-    mfu = _series(train, "mfu")
-    fig, axes = plt.subplots(1, 3 if mfu[0] else 2, figsize=(15 if mfu[0] else 10, 4))
-    axes[0].plot(*_series(train, "tokens_per_s"))
-    axes[0].set_title("throughput (tokens/s, all ranks)")
-    axes[0].set_xlabel("step")
-    axes[0].grid(alpha=0.3)
+    steps, mfu = _series(train, "mfu")
+    fig, axes = plt.subplots(1, 3 if steps else 2, figsize=(15 if steps else 10, 4))
+    panel(axes[0], _series(train, "tokens_per_s"), "throughput (tokens/s, all ranks)")
     mem_key = "mem_peak_alloc_gib" if _series(train, "mem_peak_alloc_gib")[0] else "mem_peak_rss_gib"
-    axes[1].plot(*_series(train, mem_key))
-    axes[1].set_title(f"peak memory, GiB ({mem_key.removeprefix('mem_peak_').removesuffix('_gib')}, rank 0)")
-    axes[1].set_xlabel("step")
-    axes[1].grid(alpha=0.3)
-    if mfu[0]:
-        axes[2].plot(mfu[0], [100 * v for v in mfu[1]])
-        axes[2].set_title("MFU (%)")
-        axes[2].set_xlabel("step")
-        axes[2].grid(alpha=0.3)
-    fig.tight_layout()
-    path = out_dir / "throughput.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    written.append(path)
+    mem_kind = mem_key.removeprefix("mem_peak_").removesuffix("_gib")
+    panel(axes[1], _series(train, mem_key), f"peak memory, GiB ({mem_kind}, rank 0)")
+    if steps:
+        panel(axes[2], (steps, [100 * v for v in mfu]), "MFU (%)")
+    written.append(save(fig, "throughput.png"))
     return written
