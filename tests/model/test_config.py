@@ -73,10 +73,15 @@ def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
 
 
 def test_layer_pattern() -> None:
-    cfg = ModelConfig(n_layers=6, mixer="attention", attention_every=3)
-    assert [cfg.mixer_for_layer(i) for i in range(6)] == ["attention"] * 6
-    cfg = ModelConfig(n_layers=3, layer_mixers=["attention"] * 3)
-    assert [cfg.mixer_for_layer(i) for i in range(3)] == ["attention"] * 3
+    cfg = ModelConfig(n_layers=6, mixer="lightning", attention_every=3)
+    assert [cfg.mixer_for_layer(i) for i in range(6)] == ["lightning", "lightning", "attention"] * 2
+    cfg = ModelConfig(n_layers=3, mixer="lightning")
+    assert [cfg.mixer_for_layer(i) for i in range(3)] == ["lightning"] * 3
+    # An explicit list wins over `mixer` and `attention_every`.
+    cfg = ModelConfig(
+        n_layers=3, mixer="attention", attention_every=1, layer_mixers=["lightning", "attention", "shortconv"]
+    )
+    assert [cfg.mixer_for_layer(i) for i in range(3)] == ["lightning", "attention", "shortconv"]
 
 
 def test_cli_prints_one_line_error(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ import torch
 from helpers import assert_rel_rmse
 
 from lmstack.errors import ConfigError
+from lmstack.export.exporter import export_model
 from lmstack.model.config import ModelConfig
 from lmstack.model.lm import LM
 from lmstack.model.mixers import get_mixer
@@ -185,10 +186,9 @@ def test_model_runs_without_triton() -> None:
 def test_export_reload_and_generate_without_triton(tmp_path) -> None:
     """Export a lightning LM, reload it through AutoModelForCausalLM in a process where triton,
     lmstack and lmstack_kernels cannot be imported, and generate greedily like the source model."""
-    exporter = pytest.importorskip("lmstack.export.exporter")
     torch.manual_seed(0)
     model = LM(_config(d_model=32)).eval()
-    exporter.export_model(model, tmp_path / "hf")
+    export_model(model, tmp_path / "hf")
     prompt = torch.randint(0, 40, (2, 6))
     with torch.no_grad():  # greedy decoding with the mixer's recurrent state
         logits, cache = model(prompt, use_cache=True)
