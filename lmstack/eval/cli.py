@@ -93,7 +93,7 @@ def _add_mqar(sub) -> None:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--n-heads", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--mixer-options", default=None, help='JSON, e.g. {"lightning": {"chunk_size": 64}}')
+    p.add_argument("--mixer-options", default=None, help='JSON, e.g. {"lightning": {"gate": "silu"}}')
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (per worker process)")
     p.add_argument("--jobs", type=int, default=None, help="worker processes (one (mixer, d_model) each)")
     p.add_argument("--out", default="mqar", help="output prefix (writes PREFIX.md/.json/.png)")

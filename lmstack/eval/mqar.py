@@ -369,7 +369,17 @@ def _run_group(cfg: SweepConfig, mixer: str, d: int, data=None, log=print) -> li
         data = make_splits(cfg.data, seed=cfg.train.seed)
     runs = []
     for lr in cfg.lrs:
-        r = train_one(mixer, d, lr, cfg.data, data, cfg.train, cfg.n_heads, cfg.mixer_options.get(mixer), log)
+        r = train_one(
+            mixer,
+            d,
+            lr,
+            cfg.data,
+            data,
+            cfg.train,
+            cfg.n_heads,
+            {mixer: cfg.mixer_options[mixer]} if mixer in cfg.mixer_options else None,
+            log,
+        )
         runs.append(r)
         if r["accuracy"] >= cfg.train.solved_at:
             break  # solved: the remaining learning rates cannot do better
