@@ -81,9 +81,30 @@ def cmd_plot(args: argparse.Namespace) -> None:
         print(f"wrote {path}")
 
 
+class _IntermixedParser(argparse.ArgumentParser):
+    """A sub-command parser that accepts positionals after options (`train cfg --resume auto x.y=1`).
+
+    argparse's top-level `parse_intermixed_args` refuses parsers with sub-commands, so each leaf sub-command
+    parses intermixed instead; a parser that itself has sub-commands (`eval`) parses the plain way."""
+
+    _plain = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        nested = any(a.nargs in (argparse.PARSER, argparse.REMAINDER) for a in self._actions)
+        if self._plain or nested or self._mutually_exclusive_groups:
+            return super().parse_known_args(args, namespace)
+        self._plain = True  # parse_known_intermixed_args calls parse_known_args itself
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._plain = False
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmstack", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_IntermixedParser
+    )
 
     p = sub.add_parser("show-config", help="print a run config after overrides and validation")
     add_config_args(p)

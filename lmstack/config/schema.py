@@ -172,8 +172,11 @@ class TrainConfig:
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 fail(name, f"expected a number in [0, 1), got {getattr(self, name)}")
-        if self.weight_decay < 0 or self.eps <= 0 or self.grad_clip < 0:
-            fail("weight_decay", "weight_decay and grad_clip must be >= 0 and eps > 0")
+        for name in ("weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                fail(name, f"expected a number >= 0, got {getattr(self, name)}")
+        if self.eps <= 0:
+            fail("eps", f"expected a positive number, got {self.eps}")
         if self.zero_stage not in (0, 1, 2, 3):
             fail("zero_stage", f"expected 0, 1, 2 or 3, got {self.zero_stage}")
         if self.global_batch_size % self.micro_batch_size:

@@ -100,9 +100,6 @@ class Batch:
         """Number of positions that carry a label."""
         return int((self.labels != IGNORE_INDEX).sum())
 
-    def as_dict(self) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.input_ids, "labels": self.labels, "doc_ids": self.doc_ids}
-
 
 # ---------------------------------------------------------------------------------------------
 _U64 = np.uint64
@@ -224,9 +221,11 @@ class TokenStream:
 
 def _check_rank(rank: int, world_size: int, batch_size: int, seq_len: int) -> None:
     if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} / world_size {world_size}: expected 0 <= rank < world_size")
-    if batch_size < 1 or seq_len < 1:
-        raise ValueError(f"batch_size {batch_size}, seq_len {seq_len}: expected positive integers")
+        raise LMStackError(f"rank {rank} / world_size {world_size}: expected 0 <= rank < world_size")
+    if batch_size < 1:
+        raise LMStackError(f"batch_size: expected a positive integer, got {batch_size}")
+    if seq_len < 1:
+        raise LMStackError(f"seq_len: expected a positive integer, got {seq_len}")
 
 
 def _doc_ids(doc: np.ndarray) -> np.ndarray:
@@ -282,10 +281,6 @@ class TrainReader:
     @property
     def epoch(self) -> int:
         return self.consumed_samples // self.num_samples
-
-    @property
-    def tokens_per_epoch(self) -> int:
-        return self.num_samples * self.seq_len
 
     def _perm(self, epoch: int) -> Permutation:
         if epoch not in self._perms:

@@ -69,7 +69,10 @@ def _deepspeed_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
     states = tag_dir / MODEL_STATES
     if not states.is_file():
         raise LMStackError(f"{tag_dir}: {MODEL_STATES} is missing")
-    data = torch.load(states, map_location="cpu", weights_only=False)
+    try:
+        data = torch.load(states, map_location="cpu", weights_only=False)
+    except Exception as err:  # truncated / not a torch file
+        raise LMStackError(f"{states}: cannot read the model states (corrupt or truncated?): {err}") from None
     module = data.get("module") if isinstance(data, dict) else None
     if not module:
         raise LMStackError(f"{states}: no 'module' weights inside (is this a DeepSpeed checkpoint?)")
@@ -78,7 +81,13 @@ def _deepspeed_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
 
 def _load_into(model: LM, state: dict[str, torch.Tensor], where: Path) -> None:
     state = {k.removeprefix("module."): v for k, v in state.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:
+        first = next(
+            (ln.strip() for ln in str(err).splitlines() if "size mismatch" in ln), str(err).splitlines()[0]
+        )
+        raise LMStackError(f"{where}: weights do not match the model in config.yaml ({first})") from None
     if model.config.tie_embeddings:
         missing = [k for k in missing if k != "lm_head.weight"]
     if missing or unexpected:
@@ -96,7 +105,12 @@ def load_checkpoint_model(path: str | Path):
     if (tag_dir / MODEL_FILE).is_file():
         from safetensors.torch import load_file
 
-        state = load_file(str(tag_dir / MODEL_FILE))
+        try:
+            state = load_file(str(tag_dir / MODEL_FILE))
+        except Exception as err:  # SafetensorError: truncated or not a safetensors file
+            raise LMStackError(
+                f"{tag_dir / MODEL_FILE}: cannot read the weights (corrupt or truncated?): {err}"
+            ) from None
     else:
         state = _deepspeed_state_dict(tag_dir)
     _load_into(model, state, tag_dir)

@@ -165,6 +165,19 @@ def _verify(model: LM, out: Path, fmt: str) -> float:
             cleanup()
 
 
+def _parse_shard_size(size: str | int) -> int:
+    """'2GB' / '500MB' / '1GiB' / 123 -> bytes; LMStackError naming --max-shard-size otherwise."""
+    from huggingface_hub.serialization._base import parse_size_to_int
+
+    try:
+        n = size if isinstance(size, int) and not isinstance(size, bool) else parse_size_to_int(str(size))
+    except (ValueError, TypeError):
+        n = None
+    if n is None or n <= 0:
+        raise LMStackError(f"--max-shard-size: expected a positive size such as 2GB or 500MB, got '{size}'")
+    return n
+
+
 def export_model(
     model: LM,
     out_dir: str | Path,
@@ -182,6 +195,7 @@ def export_model(
         raise LMStackError(f"--format: expected one of {', '.join(FORMATS)}, got '{fmt}'")
     if dtype is not None and dtype not in DTYPES:
         raise LMStackError(f"--dtype: expected one of {', '.join(DTYPES)}, got '{dtype}'")
+    max_shard_size = _parse_shard_size(max_shard_size)
     out = Path(out_dir).absolute()
     if out.exists() and not out.is_dir():
         raise LMStackError(f"{out}: exists and is not a directory")

@@ -107,10 +107,13 @@ class ModelConfig:
         for name in self.mixer_options:
             if name not in MIXERS:
                 fail(f"mixer_options.{name}", f"unknown mixer; registered: {', '.join(sorted(MIXERS))}")
-        for name in {self.mixer_for_layer(i) for i in range(self.n_layers)} | set(self.mixer_options):
+        used = {self.mixer_for_layer(i) for i in range(self.n_layers)}
+        for name in used | set(self.mixer_options):
             from_dict(
                 MIXERS[name].Options, self.mixer_options.get(name, {}), f"{prefix}mixer_options.{name}."
             )
+        for name in sorted(used):
+            MIXERS[name].validate_config(self, prefix)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], prefix: str = "") -> ModelConfig:

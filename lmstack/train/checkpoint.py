@@ -123,22 +123,36 @@ class Checkpointer:
             fault("kill_in_save", step)
             final = self.dir / tag
             if final.exists():  # the same step saved again (e.g. after a resume): move the old aside
+                latest = self.dir / "latest"
+                if latest.is_file() and latest.read_text().strip() == tag:
+                    # `latest` must never name a folder that is moved aside: point it at the newest other
+                    # complete checkpoint first (or drop it if there is none) until the new one is in place.
+                    others = [t for t in complete_tags(self.dir) if t != tag]
+                    if others:
+                        self._write_latest(others[-1])
+                    else:
+                        latest.unlink()
+                        _fsync_dir(self.dir)
                 old = self.dir / (TMP_PREFIX + "old-" + tag)
                 shutil.rmtree(old, ignore_errors=True)
                 os.rename(final, old)
             os.rename(tmp, final)
             _fsync_dir(self.dir)
-            latest_tmp = self.dir / "latest.tmp"
-            with open(latest_tmp, "w") as f:
-                f.write(tag)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(latest_tmp, self.dir / "latest")
-            _fsync_dir(self.dir)
+            self._write_latest(tag)
             shutil.rmtree(self.dir / (TMP_PREFIX + "old-" + tag), ignore_errors=True)
             self._prune(keep=tag)
         distributed.barrier()
         return tag
+
+    def _write_latest(self, tag: str) -> None:
+        """Atomically make `latest` name `tag` (write a temp file, fsync, rename, fsync the folder)."""
+        latest_tmp = self.dir / "latest.tmp"
+        with open(latest_tmp, "w") as f:
+            f.write(tag)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(latest_tmp, self.dir / "latest")
+        _fsync_dir(self.dir)
 
     def _prune(self, keep: str) -> None:
         tags = complete_tags(self.dir)
@@ -146,11 +160,13 @@ class Checkpointer:
             if tag != keep:
                 shutil.rmtree(self.dir / tag, ignore_errors=True)
 
-    def load(self, engine: Any, tag: str) -> dict[str, Any]:
-        """Load engine, optimizer and client state from `tag` (collective). Returns client_state."""
+    def load(self, engine: Any, tag: str, directory: Path | None = None) -> dict[str, Any]:
+        """Load engine, optimizer and client state from `tag` under `directory` (default: this run's
+        checkpoints; collective). Returns the lmstack client state."""
+        directory = self.dir if directory is None else Path(directory)
         path, client_state = engine.load_checkpoint(
-            str(self.dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
+            str(directory), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
         )
-        if path is None:
-            raise LMStackError(f"{self.dir / tag}: DeepSpeed could not load this checkpoint")
-        return client_state
+        if path is None or "lmstack" not in (client_state or {}):
+            raise LMStackError(f"--resume: cannot load checkpoint {directory / tag}")
+        return client_state["lmstack"]

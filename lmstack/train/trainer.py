@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from lmstack.config import dump_config
 from lmstack.config.schema import RunConfig
+from lmstack.data.reader import IGNORE_INDEX
 from lmstack.errors import LMStackError
 from lmstack.model import LM, Segments
 from lmstack.train import distributed
@@ -23,8 +24,6 @@ from lmstack.train.checkpoint import Checkpointer, complete_tags, fault, latest_
 from lmstack.train.data import DataSource, check_prepared, prepared_source
 from lmstack.train.metrics import RunLogger, memory_stats, peak_flops
 from lmstack.train.optim import build_optimizer, lr_at
-
-IGNORE_INDEX = -100
 
 
 class TrainingError(LMStackError):
@@ -246,15 +245,7 @@ class Trainer:
         )
 
     def _load(self) -> None:
-        path, client_state = self.engine.load_checkpoint(
-            str(self.resume_dir),
-            tag=self.resume_tag,
-            load_optimizer_states=True,
-            load_lr_scheduler_states=False,
-        )
-        if path is None or "lmstack" not in (client_state or {}):
-            raise LMStackError(f"--resume: cannot load checkpoint {self.resume_dir / self.resume_tag}")
-        state = client_state["lmstack"]
+        state = self.checkpointer.load(self.engine, self.resume_tag, self.resume_dir)
         self.step, self.tokens, self.nan_skips = state["step"], state["tokens"], state["nan_skips"]
         rank, world = self.dist.rank, self.dist.world_size
         if state["world_size"] == world:

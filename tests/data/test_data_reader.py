@@ -134,6 +134,14 @@ def test_resume_refuses_other_seed_or_seq_len(prepared):
         TrainReader(cfg.path, T * 2, 4, seed=7).load_state_dict(state)
 
 
+def test_bad_reader_arguments_name_the_argument(prepared):
+    cfg, _ = prepared
+    with pytest.raises(LMStackError, match="batch_size: expected a positive integer, got 0"):
+        TrainReader(cfg.path, T, 0, seed=7)
+    with pytest.raises(LMStackError, match="seq_len: expected a positive integer, got 0"):
+        TrainReader(cfg.path, 0, 4, seed=7)
+
+
 def test_documents_reported_at_the_right_offsets(prepared):
     cfg, index = prepared
     tok = load_data_tokenizer(cfg.path)

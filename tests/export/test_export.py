@@ -175,8 +175,6 @@ def test_native_llama_export(exported: dict, tmp_path: Path, vocab_size: int) ->
 
 def test_llama_export_refuses_other_mixers(tmp_path: Path, vocab_size: int) -> None:
     layers = hybrid_layers()
-    if layers == ["attention"]:
-        pytest.skip("only softmax attention is registered")
     model = tiny_model(vocab_size, layer_mixers=layers, n_layers=len(layers))
     with pytest.raises(LMStackError, match="native Llama"):
         export_model(model, tmp_path / "out", fmt="llama")
@@ -239,6 +237,48 @@ def test_bad_checkpoint_is_one_line_cli_error(tmp_path: Path, capsys) -> None:
     err = capsys.readouterr().err
     assert err == f"lmstack export: error: {missing}: checkpoint not found\n"
     assert not (tmp_path / "out").exists()
+
+
+def run_export_cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [PYTHON, "-m", "lmstack.cli", "export", *args],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(tmp_path),
+        timeout=300,
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
+    assert result.returncode == 2, result.stderr
+    err = result.stderr.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, err
+
+
+def test_corrupt_or_mismatched_model_dir_is_one_line_cli_error(tmp_path: Path, vocab_size: int) -> None:
+    truncated = save_model_dir(tiny_model(vocab_size), tmp_path / "truncated")
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    result = run_export_cli(tmp_path, str(truncated), str(tmp_path / "out1"))
+    assert_one_line_error(result, str(weights), "corrupt or truncated")
+    assert not (tmp_path / "out1").exists()
+
+    mismatched = save_model_dir(tiny_model(vocab_size), tmp_path / "mismatched")
+    config = yaml.safe_load((mismatched / "config.yaml").read_text())
+    config["model"]["d_model"] *= 2
+    (mismatched / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    result = run_export_cli(tmp_path, str(mismatched), str(tmp_path / "out2"))
+    assert_one_line_error(result, str(mismatched), "do not match the model in config.yaml", "size mismatch")
+    assert not (tmp_path / "out2").exists()
+
+
+def test_bad_max_shard_size_is_rejected_before_writing(tmp_path: Path, vocab_size: int) -> None:
+    with pytest.raises(LMStackError, match="--max-shard-size: expected a positive size.*'abc'"):
+        export_model(tiny_model(vocab_size), tmp_path / "out", max_shard_size="abc")
+    assert not (tmp_path / "out").exists()
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_checkpoint_errors_name_the_path(tmp_path: Path, vocab_size: int, capsys) -> None:

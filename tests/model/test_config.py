@@ -48,6 +48,14 @@ def test_yaml_and_overrides(tmp_path: Path) -> None:
         ("modle:\n  d_model: 64\n", [], "modle: unknown key; did you mean 'model'?"),
         ("model:\n  tie_embeddings: 3\n", [], "model.tie_embeddings: expected true or false"),
         ("model: {}\n", ["model.rope_theta=abc"], "model.rope_theta: expected a number, got str 'abc'"),
+        ("train:\n  eps: 0\n", [], "train.eps: expected a positive number, got 0"),
+        (
+            "model:\n  d_model: 64\n  n_heads: 8\n  mixer: lightning\n",
+            [],
+            "model.d_model: head_dim = d_model / n_heads = 8 is not supported by mixer lightning; expected 16..256",
+        ),
+        ("train:\n  grad_clip: -1\n", [], "train.grad_clip: expected a number >= 0, got -1"),
+        ("train:\n  weight_decay: -0.5\n", [], "train.weight_decay: expected a number >= 0, got -0.5"),
         (
             "model: {}\n",
             ["model.mixer_options.attention.bogus=1"],

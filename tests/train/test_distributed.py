@@ -60,3 +60,14 @@ def test_dead_rank_ends_the_others(tiny_data, tmp_path, world):
     )
     assert res.returncode != 0
     assert time.perf_counter() - t0 < 90
+    import re
+
+    logged = losses(tmp_path / "dead")
+    assert 1 in logged, f"training never got going: {sorted(logged)}\n{res.stderr[-3000:]}"
+    assert max(logged) < 50, "the surviving rank kept training to the end"
+    # torchrun's report: the killed rank is the root cause; rank 0 ended because of it (torchrun's
+    # SIGTERM, or its own collective failing when the peer went away).
+    assert re.search(r"Root Cause.*?rank\s*: 1 .*?exitcode\s*: -9", res.stderr, re.S), res.stderr[-3000:]
+    survivor_terminated = re.search(r"rank\s*: 0 .*?exitcode\s*: -15", res.stderr, re.S)
+    survivor_failed = re.search(r"\[rank0\]:.*(Connection|closed|reset|peer)", res.stderr)
+    assert survivor_terminated or survivor_failed, res.stderr[-3000:]

@@ -45,3 +45,14 @@ def test_batch_layout():
         LMStackError, match="not divisible by train.micro_batch_size=4 x 3 data-parallel ranks"
     ):
         batch_layout(64, 4, None, 3)
+
+
+def test_overrides_may_follow_options():
+    """`lmstack train cfg --resume auto train.x=1`: positionals after an option still parse."""
+    from lmstack.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["train", "cfg.yaml", "train.a=1", "--resume", "auto", "train.b=2"])
+    assert (args.config, args.overrides, args.resume) == ("cfg.yaml", ["train.a=1", "train.b=2"], "auto")
+    args = parser.parse_args(["eval", "harness", "M", "--tasks", "a", "b"])
+    assert (args.eval_command, args.model, args.tasks) == ("harness", "M", ["a", "b"])

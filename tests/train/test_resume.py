@@ -65,3 +65,36 @@ def test_refuses_to_overwrite_a_run_without_resume(tiny_data, reference):
     assert res.returncode == 2
     assert "already holds checkpoints" in res.stderr and "--resume auto" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_resaving_the_latest_step_never_leaves_latest_dangling(tmp_path, monkeypatch):
+    """Saving the step `latest` already names (after `--resume PATH` to an older tag): a kill between
+    moving the old folder aside and renaming the new one in must leave `latest` naming a complete tag."""
+    import os
+
+    from lmstack.train import checkpoint as ckpt
+
+    monkeypatch.setattr(ckpt.distributed, "barrier", lambda: None)
+
+    class Engine:
+        def save_checkpoint(self, directory, tag, client_state, save_latest):
+            (ckpt.Path(directory) / tag).mkdir(parents=True)
+
+    saver = ckpt.Checkpointer(tmp_path, keep_last=5, is_main=True)
+    for step in (3, 6):
+        saver.save(Engine(), step, {}, "x: 1\n", None)
+    assert ckpt.latest_tag(saver.dir) == "step_00000006"
+
+    real_rename, renames = os.rename, []
+
+    def killed_after_move_aside(src, dst):
+        renames.append(dst)
+        if len(renames) == 2:
+            raise KeyboardInterrupt  # stands in for the kill
+        real_rename(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "rename", killed_after_move_aside)
+    with pytest.raises(KeyboardInterrupt):
+        saver.save(Engine(), 6, {}, "x: 1\n", None)
+    tag = ckpt.latest_tag(saver.dir)  # raises if `latest` names a missing folder
+    assert tag == "step_00000003" and (saver.dir / tag / "config.yaml").is_file()

@@ -85,6 +85,10 @@ class TokenMixer(nn.Module):
     name: ClassVar[str] = ""
     Options: ClassVar[type] = NoOptions
 
+    @classmethod
+    def validate_config(cls, config: ModelConfig, prefix: str = "") -> None:
+        """Raise ConfigError (naming `prefix` + field) if this mixer cannot run `config`; default: no check."""
+
     def __init__(self, config: ModelConfig, layer_idx: int, options: Any) -> None:
         super().__init__()
         self.config = config

@@ -84,14 +84,19 @@ def decay_slopes(n_heads: int, layer_idx: int, n_layers: int, depth_scaling: boo
 class LightningAttention(TokenMixer):
     Options = LightningOptions
 
-    def __init__(self, config: ModelConfig, layer_idx: int, options: LightningOptions) -> None:
-        super().__init__(config, layer_idx, options)
-        D, H, Dh = config.d_model, config.n_heads, config.head_dim
+    @classmethod
+    def validate_config(cls, config: ModelConfig, prefix: str = "model.") -> None:
+        Dh = config.head_dim
         if not MIN_HEAD_DIM <= Dh <= MAX_HEAD_DIM:
             raise ConfigError(
-                f"mixer lightning: head_dim = d_model / n_heads = {Dh} is not supported; "
-                f"expected {MIN_HEAD_DIM}..{MAX_HEAD_DIM}"
+                f"{prefix}d_model: head_dim = d_model / n_heads = {Dh} is not supported by mixer lightning; "
+                f"expected {MIN_HEAD_DIM}..{MAX_HEAD_DIM} (change model.d_model or model.n_heads)"
             )
+
+    def __init__(self, config: ModelConfig, layer_idx: int, options: LightningOptions) -> None:
+        super().__init__(config, layer_idx, options)
+        self.validate_config(config)
+        D, H, Dh = config.d_model, config.n_heads, config.head_dim
         self.n_heads, self.head_dim = H, Dh
         self.q_proj = nn.Linear(D, H * Dh, bias=False)
         self.k_proj = nn.Linear(D, H * Dh, bias=False)
