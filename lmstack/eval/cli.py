@@ -7,6 +7,8 @@ import json
 import shlex
 import sys
 
+from lmstack.errors import LMStackError
+
 
 def _add_harness(sub) -> None:
     from lmstack.eval.harness import PRESETS
@@ -50,7 +52,12 @@ def _add_harness(sub) -> None:
 def cmd_harness(args: argparse.Namespace) -> None:
     from lmstack.eval.harness import markdown, run_harness
 
-    bs = args.batch_size if str(args.batch_size).startswith("auto") else int(args.batch_size)
+    bs = args.batch_size
+    if not str(bs).startswith("auto"):
+        try:
+            bs = int(bs)
+        except ValueError:
+            raise LMStackError(f"--batch-size: expected an integer or 'auto', got {bs!r}") from None
     limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
     rep = run_harness(
         args.model,
@@ -100,14 +107,26 @@ def _add_mqar(sub) -> None:
     p.set_defaults(func=cmd_mqar)
 
 
+def _json_mapping(text: str | None, flag: str) -> dict | None:
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise LMStackError(f"{flag}: not valid JSON ({err.msg}), got {text!r}") from None
+    if not isinstance(value, dict):
+        raise LMStackError(f"{flag}: expected a JSON object mapping mixer names to options, got {text!r}")
+    return value
+
+
 def cmd_mqar(args: argparse.Namespace) -> None:
     from lmstack.eval import mqar
 
     cfg = mqar.sweep_config(
         args.preset,
-        mixers=mqar.parse_list(args.mixers, str),
-        d_models=mqar.parse_list(args.d_models, int),
-        lrs=mqar.parse_list(args.lrs, float),
+        mixers=mqar.parse_list(args.mixers, str, "--mixers"),
+        d_models=mqar.parse_list(args.d_models, int, "--d-models"),
+        lrs=mqar.parse_list(args.lrs, float, "--lrs"),
         vocab_size=args.vocab_size,
         seq_len=args.seq_len,
         num_kv_pairs=args.num_kv_pairs,
@@ -118,7 +137,7 @@ def cmd_mqar(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         n_heads=args.n_heads,
         seed=args.seed,
-        mixer_options=json.loads(args.mixer_options) if args.mixer_options else None,
+        mixer_options=_json_mapping(args.mixer_options, "--mixer-options"),
         threads=args.threads,
         jobs=args.jobs,
     )

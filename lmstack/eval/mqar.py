@@ -354,6 +354,18 @@ def sweep_config(preset: str | None = None, **overrides: Any) -> SweepConfig:
         else:
             raise LMStackError(f"mqar: unknown setting '{key}'")
     cfg.data.validate()
+    if cfg.data.train_size < cfg.train.batch_size:
+        raise LMStackError(
+            f"mqar: train_size {cfg.data.train_size} is smaller than batch_size {cfg.train.batch_size}: "
+            "no training step would run"
+        )
+    if cfg.data.test_size < 1:
+        raise LMStackError(f"mqar: test_size must be at least 1, got {cfg.data.test_size}")
+    for name, options in (cfg.mixer_options or {}).items():
+        from lmstack.model import get_mixer
+        from lmstack.model.schema import from_dict
+
+        from_dict(get_mixer(name).Options, options, f"--mixer-options {name}.")
     return cfg
 
 
@@ -551,7 +563,11 @@ def write_outputs(result: dict[str, Any], out_prefix: str | Path, command: str |
     return paths
 
 
-def parse_list(text: str | None, cast=float) -> list | None:
+def parse_list(text: str | None, cast=float, flag: str = "list") -> list | None:
+    """`a,b,c` -> [cast(a), cast(b), cast(c)]; a bad item is a one-line error naming `flag`."""
     if text is None:
         return None
-    return [cast(v) for v in text.split(",") if v.strip()]
+    try:
+        return [cast(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise LMStackError(f"{flag}: expected comma-separated {cast.__name__} values, got {text!r}") from None
