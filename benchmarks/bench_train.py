@@ -7,7 +7,7 @@ size, batch and sequence length, in one run.
 Variants (each in its own process, so peak memory is its own):
 - hf_llama:        LlamaForCausalLM (SDPA attention), a plain PyTorch loop;
 - lmstack:         lmstack.model.LM, the same loop (plain causal rows);
-- lmstack_packed:  the same with packed-document masks (Segments), as the trainer feeds it;
+- lmstack_packed:  the same with packed documents (a BatchContext), as the trainer feeds it;
 - lmstack_trainer: the full `lmstack train` path: DeepSpeed engine (ZeRO 0), synthetic packed data,
                    the NaN guard's all-reduce, logging (tokens/s taken from its metrics.jsonl).
 The plain loops: forward, fp32 cross-entropy over the logits, backward, clip to 1.0, AdamW (same
@@ -80,7 +80,7 @@ def run_variant(a) -> dict:
     import torch.nn.functional as F
     import transformers  # noqa: F401  (same import baseline in every variant)
 
-    from lmstack.model import LM, Segments
+    from lmstack.model import LM, BatchContext
 
     torch.manual_seed(0)
     cuda = torch.cuda.is_available()
@@ -102,11 +102,11 @@ def run_variant(a) -> dict:
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, cfg.vocab_size, (a.batch, a.seq + 1), generator=g).to(device)
     inputs, labels = ids[:, :-1], ids[:, 1:]
-    segments = None
+    context = None
     if a.variant == "lmstack_packed":  # ~4 documents per row
         starts = torch.rand(a.batch, a.seq, generator=g) < 4 / a.seq
         starts[:, 0] = False
-        segments = Segments.from_doc_ids(starts.long().cumsum(1).to(device))
+        context = BatchContext.from_doc_ids(starts.long().cumsum(1), device)
     del TrainConfig
 
     def step():
@@ -114,7 +114,7 @@ def run_variant(a) -> dict:
             if a.variant == "hf_llama":
                 logits = model(input_ids=inputs).logits
             else:
-                logits, _ = model(inputs, segments=segments)
+                logits = model(inputs, context).logits
         loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
