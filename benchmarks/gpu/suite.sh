@@ -7,7 +7,7 @@
 #                                               # shapes, no wheel install; results in $OUT or a temp dir
 #
 # Each step runs under its own time cap, cut to what is left of the suite's budget (SUITE_BUDGET_S,
-# default 540 s = 9 min); a step that no longer fits is recorded as skipped, one stopped at its cap as
+# default 540 s = 9 min on the GPU; the dry run's caps and budget are 4 times longer); a step that no longer fits is recorded as skipped, one stopped at its cap as
 # timeout (its JSON keeps the cases it finished). Results: $OUT/<step>.json, $OUT/suite.json (every
 # step's status, seconds and number of failed checks) and $OUT/suite.log; at most 8 files, as the
 # device returns. Exit status 0 only when every step ran (or was skipped) and no check failed.
@@ -22,9 +22,11 @@ case "${1:-}" in
   *) echo "usage: $0 [--cpu-dry-run]" >&2; exit 2 ;;
 esac
 PY=${PYTHON:-python3}
-BUDGET=${SUITE_BUDGET_S:-540}
 SITE=/tmp/lmstack-gpu-site  # the carried wheels, installed without network
+# Caps are set for the H200; the dry run on a small, shared CPU gets SCALE times each (same logic).
+SCALE=1
 if ((DRY)); then
+  SCALE=4
   OUT=${OUT:-$(mktemp -d)}
   DRY_FLAG=(--dry-run)
   export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""
@@ -35,6 +37,7 @@ else
     exit 2
   fi
 fi
+BUDGET=${SUITE_BUDGET_S:-$((540 * SCALE))}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/suite.log") 2>&1
 
@@ -54,7 +57,7 @@ MIN_STEP=15    # a step with less time than this left is skipped
 
 # run_step NAME CAP_S COMMAND...: run COMMAND under min(CAP_S, time left), record its outcome.
 run_step() {
-  local name=$1 cap=$2
+  local name=$1 cap=$(($2 * SCALE))
   shift 2
   local left=$((BUDGET - (SECONDS - START) - FINISH - KILL_AFTER))
   if ((left < MIN_STEP)); then
@@ -84,15 +87,16 @@ if ((DRY)); then
 else
   nvidia-smi || true
   # --no-deps: the image's torch 2.11 / triton 3.6 are used, never replaced.
-  run_step install 40 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  run_step install 30 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target "$SITE" .gpu/whl/*.whl
-  TRAIN_VS_HF=(--preset gpu-350m --steps 10 --warmup 3)
+  # Packed rows (lmstack_packed) are left out to fit: the mixers' batch interface is being reworked.
+  TRAIN_VS_HF=(--preset gpu-350m --steps 10 --warmup 3 --variants hf_llama,lmstack,lmstack_trainer)
 fi
 run_step ops_correctness 90 "$PY" benchmarks/gpu/check_ops.py --out "$OUT" "${DRY_FLAG[@]}"
-run_step mixer_checks 60 "$PY" benchmarks/gpu/check_mixers.py --out "$OUT" "${DRY_FLAG[@]}"
-run_step engine 90 "$PY" benchmarks/gpu/check_engine.py --out "$OUT" "${DRY_FLAG[@]}"
-run_step ops_speed 90 "$PY" benchmarks/gpu/bench_ops.py --out "$OUT" "${DRY_FLAG[@]}"
-run_step train_vs_hf 70 "$PY" benchmarks/bench_train.py "${TRAIN_VS_HF[@]}" --rounds 1 --out "$OUT/train_vs_hf.json"
-run_step mixers_throughput 85 "$PY" benchmarks/gpu/bench_mixers.py --out "$OUT" "${DRY_FLAG[@]}"
+run_step mixer_checks 50 "$PY" benchmarks/gpu/check_mixers.py --out "$OUT" "${DRY_FLAG[@]}"
+run_step engine 80 "$PY" benchmarks/gpu/check_engine.py --out "$OUT" "${DRY_FLAG[@]}"
+run_step ops_speed 80 "$PY" benchmarks/gpu/bench_ops.py --out "$OUT" "${DRY_FLAG[@]}"
+run_step train_vs_hf 95 "$PY" benchmarks/bench_train.py "${TRAIN_VS_HF[@]}" --rounds 1 --out "$OUT/train_vs_hf.json"
+run_step mixers_throughput 95 "$PY" benchmarks/gpu/bench_mixers.py --out "$OUT" "${DRY_FLAG[@]}"
 
 "$PY" benchmarks/gpu/common.py finish "$OUT"
