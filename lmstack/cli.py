@@ -141,9 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--dtype",
-        choices=["float32", "bfloat16", "float16"],
         default=None,
-        help="weight dtype (default fp32)",
+        help="weight dtype: float32 (default), bfloat16 or float16",
     )
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists and is not empty")
     p.add_argument("--no-verify", action="store_true", help="skip reloading the export and comparing logits")

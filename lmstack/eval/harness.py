@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lmstack.dtypes import parse_dtype
 from lmstack.errors import LMStackError
 
 PRESETS: dict[str, list[str]] = {
@@ -42,7 +43,8 @@ CONVENTIONAL: dict[str, list[tuple[str, str]]] = {
     "hellaswag": [("acc_norm", "acc_norm")],
     "arc_challenge": [("acc_norm", "acc_norm")],
 }
-#: For tasks not listed above: the first metric present in this order.
+#: For tasks not listed above: the first metric present in this order. Every task that has
+#: `acc_norm` also reports it (after its headline metric).
 FALLBACK_METRICS = ["acc", "word_perplexity", "perplexity", "acc_norm", "exact_match", "f1"]
 
 #: The repository's offline task pack (a checkout's evals/tasks; not part of an installed wheel).
@@ -184,23 +186,6 @@ def training_add_bos(model_dir: str | Path, tokenizer: Any) -> bool | None:
     return bool(ids) and ids[0] == bos
 
 
-def _torch_dtype(dtype: str):
-    import torch
-
-    if dtype == "auto":
-        return "auto"
-    table = {
-        "float32": torch.float32,
-        "fp32": torch.float32,
-        "bfloat16": torch.bfloat16,
-        "bf16": torch.bfloat16,
-    }
-    table |= {"float16": torch.float16, "fp16": torch.float16}
-    if dtype not in table:
-        raise LMStackError(f"--dtype {dtype}: expected one of auto, float32, bfloat16, float16")
-    return table[dtype]
-
-
 def is_export_dir(path: Path) -> bool:
     return (path / "config.json").is_file() and any(
         (path / f).is_file()
@@ -245,7 +230,7 @@ def _load_export(path: Path, dtype: str, device: str | None, source: str, notes:
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=_torch_dtype(dtype))
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=parse_dtype(dtype, allow_auto=True))
         tok_dir = path / "tokenizer" if (path / "tokenizer" / "tokenizer_config.json").is_file() else path
         tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
     except (OSError, ValueError) as err:
@@ -342,10 +327,12 @@ def headline(task: str, metrics: dict[str, Any]) -> list[dict[str, Any]]:
                 return float(v), float(se) if isinstance(se, int | float) else None
         return None, None
 
+    present = {k.partition(",")[0] for k in metrics}
     wanted = CONVENTIONAL.get(task)
     if wanted is None:
-        present = {k.partition(",")[0] for k in metrics}
         wanted = [(m, m) for m in FALLBACK_METRICS if m in present][:1]
+    if "acc_norm" in present and all(metric != "acc_norm" for metric, _ in wanted):
+        wanted = [*wanted, ("acc_norm", "acc_norm")]  # length-normalised accuracy, where a task has it
     rows = []
     for metric, label in wanted:
         v, se = value(metric)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from lmstack.dtypes import parse_dtype
 from lmstack.errors import LMStackError
 
 
@@ -109,6 +110,7 @@ def run_ppl(
     log=print,
 ) -> dict[str, Any]:
     """The work behind `lmstack eval ppl`."""
+    torch_dtype = parse_dtype(dtype)
     lm, run_config = load_lm(model_path)
     if data_dir is None:
         if run_config is None:
@@ -117,10 +119,7 @@ def run_ppl(
     if seq_len is None:
         seq_len = run_config.data.seq_len if run_config is not None else lm.config.max_seq_len
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype not in dtypes:
-        raise LMStackError(f"--dtype {dtype}: expected one of {', '.join(dtypes)}")
-    result = perplexity(lm, data_dir, seq_len, batch_size, max_batches, split, device, dtypes[dtype])
+    result = perplexity(lm, data_dir, seq_len, batch_size, max_batches, split, device, torch_dtype)
     result["model"] = str(model_path)
     log(
         f"{model_path} on {data_dir} ({result['split']}, {result['tokens']} tokens, seq_len {seq_len}): "

@@ -26,11 +26,11 @@ from pathlib import Path
 
 import torch
 
+from lmstack.dtypes import parse_dtype
 from lmstack.errors import LMStackError
 from lmstack.model.lm import LM
 
 FORMATS = ("lmstack", "llama")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -193,8 +193,7 @@ def export_model(
     """Write `model` (+ tokenizer) as a Hugging Face folder at `out_dir` (atomically)."""
     if fmt not in FORMATS:
         raise LMStackError(f"--format: expected one of {', '.join(FORMATS)}, got '{fmt}'")
-    if dtype is not None and dtype not in DTYPES:
-        raise LMStackError(f"--dtype: expected one of {', '.join(DTYPES)}, got '{dtype}'")
+    weight_dtype = parse_dtype(dtype) if dtype is not None else torch.float32
     max_shard_size = _parse_shard_size(max_shard_size)
     out = Path(out_dir).absolute()
     if out.exists() and not out.is_dir():
@@ -229,10 +228,10 @@ def export_model(
                     f"export verification failed: reloaded logits differ from the model's by {max_diff:.3e} "
                     f"(tolerance {tolerance:.0e}); nothing was written to {out}"
                 )
-        if dtype is not None and DTYPES[dtype] != torch.float32:
+        if weight_dtype != torch.float32:
             for path in tmp.glob("*.safetensors*"):
                 path.unlink()
-            writer(copy.deepcopy(model).to(DTYPES[dtype]), tmp, max_shard_size, token_ids)
+            writer(copy.deepcopy(model).to(weight_dtype), tmp, max_shard_size, token_ids)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         files = sorted(p.name for p in tmp.iterdir())

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 from lmstack.errors import LMStackError
 from lmstack.train.metrics import read_metrics
 
 
-def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
+def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of `key` over `records`, skipping records where it is missing or not finite."""
     xs, ys = [], []
     for r in records:
         v = r.get(key)
@@ -19,23 +21,14 @@ def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
     return xs, ys
 
 
-def plot_run(run_dir: str | Path) -> list[Path]:
-    """Write RUN_DIR/plots/{loss,throughput}.png; returns their paths."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "metrics.jsonl").is_file():
-        raise LMStackError(f"{run_dir}: no metrics.jsonl (is it a train.run_dir?)")
-    metrics = read_metrics(run_dir)
+def run_figures(metrics: dict[str, list[dict]]) -> dict[str, Any]:
+    """{"loss.png": figure, "throughput.png": figure} drawn from `read_metrics` records (needs
+    training records); the caller saves and closes them."""
     train, val = metrics.get("train", []), metrics.get("val", [])
-    if not train:
-        raise LMStackError(f"{run_dir / 'metrics.jsonl'}: no training records yet")
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    out_dir = run_dir / "plots"
-    out_dir.mkdir(exist_ok=True)
 
     def panel(ax, series: tuple[list[int], list[float]], title: str, **kw) -> None:
         ax.plot(*series, **kw)
@@ -43,29 +36,43 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
 
-    def save(fig, name: str) -> Path:
-        fig.tight_layout()
-        fig.savefig(out_dir / name, dpi=100)
-        plt.close(fig)
-        return out_dir / name
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    panel(axes[0], _series(train, "loss"), "loss", label="train loss", lw=1)
+    loss_fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    panel(axes[0], series(train, "loss"), "loss", label="train loss", lw=1)
     if val:
-        axes[0].plot(*_series(val, "val_loss"), "o-", label="val loss", ms=3)
+        axes[0].plot(*series(val, "val_loss"), "o-", label="val loss", ms=3)
     axes[0].set_ylabel("cross-entropy (nats/token)")
     axes[0].legend()
-    panel(axes[1], _series(train, "lr"), "learning rate")
-    panel(axes[2], _series(train, "grad_norm"), "gradient norm (before clipping)")
-    written = [save(fig, "loss.png")]
+    panel(axes[1], series(train, "lr"), "learning rate")
+    panel(axes[2], series(train, "grad_norm"), "gradient norm (before clipping)")
 
-    steps, mfu = _series(train, "mfu")
-    fig, axes = plt.subplots(1, 3 if steps else 2, figsize=(15 if steps else 10, 4))
-    panel(axes[0], _series(train, "tokens_per_s"), "throughput (tokens/s, all ranks)")
-    mem_key = "mem_peak_alloc_gib" if _series(train, "mem_peak_alloc_gib")[0] else "mem_peak_rss_gib"
+    steps, mfu = series(train, "mfu")
+    speed_fig, axes = plt.subplots(1, 3 if steps else 2, figsize=(15 if steps else 10, 4))
+    panel(axes[0], series(train, "tokens_per_s"), "throughput (tokens/s, all ranks)")
+    mem_key = "mem_peak_alloc_gib" if series(train, "mem_peak_alloc_gib")[0] else "mem_peak_rss_gib"
     mem_kind = mem_key.removeprefix("mem_peak_").removesuffix("_gib")
-    panel(axes[1], _series(train, mem_key), f"peak memory, GiB ({mem_kind}, rank 0)")
+    panel(axes[1], series(train, mem_key), f"peak memory, GiB ({mem_kind}, rank 0)")
     if steps:
         panel(axes[2], (steps, [100 * v for v in mfu]), "MFU (%)")
-    written.append(save(fig, "throughput.png"))
-    return written
+    return {"loss.png": loss_fig, "throughput.png": speed_fig}
+
+
+def save_figure(fig: Any, path: Path, dpi: int = 100) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
+def plot_run(run_dir: str | Path) -> list[Path]:
+    """Write RUN_DIR/plots/{loss,throughput}.png; returns their paths."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "metrics.jsonl").is_file():
+        raise LMStackError(f"{run_dir}: no metrics.jsonl (is it a train.run_dir?)")
+    metrics = read_metrics(run_dir)
+    if not metrics.get("train"):
+        raise LMStackError(f"{run_dir / 'metrics.jsonl'}: no training records yet")
+    out_dir = run_dir / "plots"
+    out_dir.mkdir(exist_ok=True)
+    return [save_figure(fig, out_dir / name) for name, fig in run_figures(metrics).items()]

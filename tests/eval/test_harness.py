@@ -32,7 +32,12 @@ def test_conventional_metrics():
     res = {"acc,none": 0.5, "acc_stderr,none": 0.01, "acc_norm,none": 0.6, "acc_norm_stderr,none": 0.02}
     assert [(r["metric"], r["value"]) for r in harness.headline("hellaswag", res)] == [("acc_norm", 0.6)]
     assert [(r["metric"], r["value"]) for r in harness.headline("arc_challenge", res)] == [("acc_norm", 0.6)]
-    assert [(r["metric"], r["value"]) for r in harness.headline("piqa", res)] == [("acc", 0.5)]
+    assert [(r["metric"], r["value"]) for r in harness.headline("piqa", res)] == [
+        ("acc", 0.5),
+        ("acc_norm", 0.6),
+    ]
+    no_norm = {"acc,none": 0.5, "acc_stderr,none": 0.01}
+    assert [(r["metric"], r["value"]) for r in harness.headline("piqa", no_norm)] == [("acc", 0.5)]
     wiki = {"word_perplexity,none": 30.0, "byte_perplexity,none": 2.0, "bits_per_byte,none": 1.0}
     (row,) = harness.headline("wikitext", wiki)
     assert row["metric"] == "word ppl" and row["value"] == 30.0 and not row["higher_is_better"]
@@ -104,7 +109,13 @@ def test_harness_offline_both_task_kinds(exported, tmp_path):
     assert set(rep["results"]) == {"lmstack_lambada", "lmstack_mc"}
     assert rep["n_samples"]["lmstack_mc"]["effective"] == 40
     rows = {(r["task"], r["metric"]): r for r in rep["summary"]}
-    assert set(rows) == {("lmstack_lambada", "ppl"), ("lmstack_lambada", "acc"), ("lmstack_mc", "acc")}
+    assert set(rows) == {
+        ("lmstack_lambada", "ppl"),
+        ("lmstack_lambada", "acc"),
+        ("lmstack_mc", "acc"),
+        ("lmstack_mc", "acc_norm"),
+    }
+    assert rows[("lmstack_mc", "acc_norm")]["value"] == rep["results"]["lmstack_mc"]["acc_norm,none"]
     assert rows[("lmstack_lambada", "ppl")]["value"] > 1 and math.isfinite(
         rows[("lmstack_lambada", "ppl")]["value"]
     )
@@ -114,6 +125,7 @@ def test_harness_offline_both_task_kinds(exported, tmp_path):
     assert saved["summary"] == rep["summary"]
     md = (tmp_path / "harness.md").read_text()
     assert "| lmstack_lambada | ppl |" in md and "| lmstack_mc | acc (%) |" in md
+    assert "| lmstack_mc | acc_norm (%) |" in md
 
 
 def test_trained_beats_untrained_on_lambada_style_task(exported):
