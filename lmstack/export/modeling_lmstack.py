@@ -6,9 +6,12 @@ through `generate()` unchanged: the per-layer states stay opaque here. `generate
 `LMStackCache` (see `_prepare_cache_for_generation`); after the first step it passes only the newest
 token, which `LM` continues from the cached state.
 
-Padding: an `attention_mask` with zeros is honoured in a forward without a cache (each run of equal
-mask values becomes its own document, so pads never mix with tokens), but not while decoding with a
-cache: generate left-padded prompts one at a time.
+Padding: an `attention_mask` with zeros is honoured. Without a cache each run of equal mask values
+becomes its own document, so pads never mix with tokens. With a cache (batched generation) prompts
+must be left-padded: the pads of each row are a leading document of their own, so every mixer's
+returned state (recurrent, short-convolution, KV cache) belongs to the row's real tokens, and the
+cache records each row's pad count (`LMCache.pads`) so that decoding continues at the row's own
+position. Batched greedy generation then equals generating each prompt alone.
 
 This file is copied into every export (see `lmstack.export.bundle`).
 """
@@ -113,8 +116,8 @@ class LMStackCache(Cache):
         return found[0] if found else -1
 
     def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        if self.lm_cache is not None:
-            self.lm_cache = LMCache(map_tensors(self.lm_cache.states, fn), self.lm_cache.seen_tokens)
+        if self.lm_cache is not None:  # the states and the per-row pad counts
+            self.lm_cache = map_tensors(self.lm_cache, fn)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -243,18 +246,28 @@ class LMStackForCausalLM(LMStackPreTrainedModel, GenerationMixin):
             raise ValueError(f"expected an LMStackCache, got {type(cache).__name__}")
         padded = attention_mask is not None and not bool(attention_mask.all())
         if use_cache is None:
+            # generate() asks for the cache explicitly; a plain padded call does not need one.
             use_cache = bool(getattr(self.config, "use_cache", True)) and not self.training and not padded
         past = lm_cache.seen_tokens if lm_cache is not None else 0
-        context = None
+        context, pads = None, None
         if padded:
-            if use_cache or past:
+            mask = attention_mask[:, -input_ids.shape[1] :].long().cpu()
+            if past and not bool(mask.all()):
                 raise ValueError(
-                    "attention_mask has padding: not supported while decoding with a cache "
-                    "(generate padded prompts one at a time, or call with use_cache=False)"
+                    "attention_mask: padding after the first call of a cached sequence; pad prompts "
+                    "on the left and pass them in the first call"
                 )
-            doc_ids = attention_mask[:, -input_ids.shape[1] :].long()
-            context = BatchContext.from_doc_ids(doc_ids, input_ids.device)
+            if use_cache and bool((mask[:, 1:] < mask[:, :-1]).any()):
+                raise ValueError(
+                    "attention_mask: decoding with a cache needs left padding (zeros before the "
+                    "tokens in every row); call with use_cache=False for other padding"
+                )
+            if not past:  # pads (a leading document of each row) and tokens are separate documents
+                context = BatchContext.from_doc_ids(mask, input_ids.device)
+                pads = (mask == 0).sum(1)
         logits, new_lm_cache, _ = self.model(input_ids, context, cache=lm_cache, use_cache=use_cache)
+        if new_lm_cache is not None and pads is not None:
+            new_lm_cache.pads = pads
         loss = None
         if labels is not None:
             loss = F.cross_entropy(

@@ -76,10 +76,16 @@ class LMOutput(NamedTuple):
 
 @dataclass
 class LMCache:
-    """Decoding state of every layer plus the number of tokens already consumed."""
+    """Decoding state of every layer plus the number of tokens (columns) already consumed.
+
+    pads: [B] int64 on the host, or None: left-padding tokens at the start of each row (a batch of
+    prompts of different lengths). The pads were a document of their own, so every returned state
+    ignores them; a row's position is then `seen_tokens - pads[b]`, which is what the next calls
+    continue from (attention's document rule hides the cached pad keys)."""
 
     states: list[Any] = field(default_factory=list)
     seen_tokens: int = 0
+    pads: torch.Tensor | None = None
 
 
 class LM(nn.Module):
@@ -123,11 +129,16 @@ class LM(nn.Module):
         """input_ids: [B, T] -> LMOutput(logits [B, T, V] (or hidden states [B, T, D]), cache, aux).
 
         `context` describes packed documents and slices (built once per batch on the host); without
-        one, every row is one document that continues `cache` (after `cache.seen_tokens` tokens).
+        one, every row is one document that continues `cache` (after `cache.seen_tokens` tokens, less
+        the row's `cache.pads`). The returned cache keeps the incoming `pads`.
         """
         B, T = input_ids.shape
         seen = cache.seen_tokens if cache is not None else 0
-        if context is None:
+        pads = cache.pads if cache is not None else None
+        if context is None and pads is not None:
+            zeros = torch.zeros(B, T, dtype=torch.long)
+            context = BatchContext.from_doc_ids(zeros, input_ids.device, offsets=seen - pads)
+        elif context is None:
             context = BatchContext.for_rows(B, T, input_ids.device, offset=seen)
         x = self.embed(input_ids)
         states = cache.states if cache is not None and cache.states else [None] * len(self.blocks)
@@ -137,7 +148,7 @@ class LM(nn.Module):
             new_states.append(state)
             aux.update({f"{name}/layer{i}": value for name, value in layer_aux.items()})
         x = self.norm(x)
-        new_cache = LMCache(new_states, seen + T) if use_cache else None
+        new_cache = LMCache(new_states, seen + T, pads) if use_cache else None
         return LMOutput(x if return_hidden else self.lm_head(x), new_cache, aux)
 
     def num_params(self, non_embedding: bool = True) -> int:

@@ -8,9 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from export_helpers import hybrid_layers, tiny_model
+from helpers import assert_rel_rmse
 
 from lmstack.export.hf import LMStackCache, LMStackConfig, LMStackForCausalLM, register_auto_classes
-from lmstack.model import LM
+from lmstack.model import LM, MIXERS
 
 V = 97
 
@@ -115,8 +116,39 @@ def test_padding_without_cache_isolates_pads() -> None:
         alone = hf(ids).logits
         left = hf(padded, attention_mask=mask).logits[:, 3:]
     assert (left - alone).abs().max().item() < 1e-4
-    with pytest.raises(ValueError, match="padding"):
-        hf.generate(padded, attention_mask=mask, max_new_tokens=2)
+    right = torch.flip(mask, [1])
+    with pytest.raises(ValueError, match="left padding"):
+        hf(padded, attention_mask=right, use_cache=True)
+
+
+def left_padded(prompts: list[torch.Tensor], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """([B, T] ids, [B, T] attention mask) with every prompt padded on the left to the longest."""
+    T = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), T), pad, dtype=torch.long)
+    mask = torch.zeros(len(prompts), T, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, T - len(p) :], mask[row, T - len(p) :] = p, 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("mixer", sorted(MIXERS))
+def test_batched_generation_with_left_padding_equals_one_at_a_time(mixer: str) -> None:
+    """Every mixer's state (and the short convolution's, in the middle layer) ignores the pads, and
+    each row decodes at its own position: batched greedy generation equals generating alone."""
+    hf = wrap(tiny_model(V, layer_mixers=[mixer, "shortconv", mixer], n_layers=3, eos_token_id=None))
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(1, V, (n,), generator=g) for n in (5, 11, 1, 8)]
+    ids, mask = left_padded(prompts, pad=0)
+    settings = dict(max_new_tokens=7, do_sample=False, pad_token_id=0, output_scores=True)
+    with torch.no_grad():
+        batched = hf.generate(ids, attention_mask=mask, return_dict_in_generate=True, **settings)
+        for row, prompt in enumerate(prompts):
+            alone = hf.generate(prompt[None], return_dict_in_generate=True, **settings)
+            assert (
+                batched.sequences[row, ids.shape[1] :].tolist() == alone.sequences[0, len(prompt) :].tolist()
+            )
+            for step, (b, a) in enumerate(zip(batched.scores, alone.scores)):
+                assert_rel_rmse(b[row], a[0], 1e-5, f"{mixer}: row {row}, step {step} logits")
 
 
 def test_non_persistent_buffers_are_refilled_after_from_pretrained(tmp_path) -> None:
