@@ -95,8 +95,15 @@ def _add_mqar(sub) -> None:
     p.add_argument("--num-kv-pairs", type=int, default=None)
     p.add_argument("--power-a", type=float, default=None)
     p.add_argument("--train-size", type=int, default=None)
+    p.add_argument(
+        "--val-size", type=int, default=None, help="validation sequences (early stopping, lr choice)"
+    )
     p.add_argument("--test-size", type=int, default=None)
     p.add_argument("--epochs", type=int, default=None)
+    p.add_argument(
+        "--patience", type=int, default=None, help="validation evaluations without gain before stopping"
+    )
+    p.add_argument("--seeds", type=int, default=None, help="seeds at the chosen learning rate")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--n-heads", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
@@ -132,8 +139,11 @@ def cmd_mqar(args: argparse.Namespace) -> None:
         num_kv_pairs=args.num_kv_pairs,
         power_a=args.power_a,
         train_size=args.train_size,
+        val_size=args.val_size,
         test_size=args.test_size,
         epochs=args.epochs,
+        patience=args.patience,
+        seeds=args.seeds,
         batch_size=args.batch_size,
         n_heads=args.n_heads,
         seed=args.seed,

@@ -37,6 +37,7 @@ class MQARConfig:
     num_kv_pairs: int = 4
     power_a: float = 0.01
     train_size: int = 100_000
+    val_size: int = 1_000  # early stopping and the choice of learning rate; never the test set
     test_size: int = 3_000
     random_non_queries: bool = True
 
@@ -102,26 +103,20 @@ def multiquery_ar(
     return inputs, labels
 
 
-def make_splits(cfg: MQARConfig, seed: int = 0) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
-    train = multiquery_ar(
-        cfg.vocab_size,
-        cfg.train_size,
-        cfg.seq_len,
-        cfg.num_kv_pairs,
-        cfg.power_a,
-        seed,
-        cfg.random_non_queries,
+def make_splits(cfg: MQARConfig, seed: int = 0) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+    """(train, val, test) as (inputs, labels) pairs, each from its own generator seed."""
+    return tuple(
+        multiquery_ar(
+            cfg.vocab_size,
+            size,
+            cfg.seq_len,
+            cfg.num_kv_pairs,
+            cfg.power_a,
+            seed + offset,
+            cfg.random_non_queries,
+        )
+        for size, offset in ((cfg.train_size, 0), (cfg.val_size, 500_009), (cfg.test_size, 1_000_003))
     )
-    test = multiquery_ar(
-        cfg.vocab_size,
-        cfg.test_size,
-        cfg.seq_len,
-        cfg.num_kv_pairs,
-        cfg.power_a,
-        seed + 1_000_003,
-        cfg.random_non_queries,
-    )
-    return train, test
 
 
 # --- the probe model ---------------------------------------------------------------------------
@@ -191,9 +186,12 @@ class TrainSettings:
     batch_size: int = 64
     weight_decay: float = 0.1
     warmup_frac: float = 0.1
-    solved_at: float = 0.99  # stop early (and skip the remaining learning rates) at this accuracy
-    eval_every: int = 0  # steps between test evaluations; 0: once per epoch
-    seed: int = 0
+    # Early stopping, on the validation split: stop at this accuracy (and skip the remaining learning
+    # rates), or after `patience` evaluations without a better one (0: never).
+    solved_at: float = 0.99
+    patience: int = 0
+    eval_every: int = 0  # steps between validation evaluations; 0: once per epoch
+    seed: int = 0  # model initialisation and example order (the data splits use seed 0)
 
 
 def train_one(
@@ -207,9 +205,11 @@ def train_one(
     mixer_options=None,
     log=print,
 ) -> dict[str, Any]:
+    """Train one probe; the reported test accuracy is that of the weights with the best validation
+    accuracy (early stopping), the test split is read once, at the end."""
     from lmstack.model import LM
 
-    (xtr, ytr), (xte, yte) = data
+    (xtr, ytr), (xva, yva), (xte, yte) = data
     torch.manual_seed(settings.seed)
     mc = probe_model_config(mixer, d_model, cfg, n_heads, mixer_options)
     model = LM(mc)
@@ -226,7 +226,7 @@ def train_one(
     eval_every = settings.eval_every or steps_per_epoch
     gen = torch.Generator().manual_seed(settings.seed)
     start, cpu_start = time.perf_counter(), time.process_time()
-    best, step, loss_val, history = 0.0, 0, float("nan"), []
+    best_val, best_state, stale, step, loss_val, history = -1.0, None, 0, 0, float("nan"), []
     model.train()
     done = False
     for _epoch in range(settings.epochs):
@@ -244,20 +244,29 @@ def train_one(
             step += 1
             loss_val = loss.item()
             if step % eval_every == 0 or step == total:
-                acc = accuracy(model, xte, yte)
-                history.append((step, round(acc, 4)))
-                best = max(best, acc)
-                if acc >= settings.solved_at:
-                    done = True
+                val = accuracy(model, xva, yva)
+                history.append((step, round(val, 4)))
+                if val > best_val:
+                    best_val, stale = val, 0
+                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                else:
+                    stale += 1
+                done = best_val >= settings.solved_at or (0 < settings.patience <= stale)
+                if done:
                     break
         if done:
             break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    test = accuracy(model, xte, yte)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     result = {
         "mixer": mixer,
         "d_model": d_model,
         "lr": lr,
-        "accuracy": round(best, 4),
+        "seed": settings.seed,
+        "accuracy": round(test, 4),
+        "val_accuracy": round(best_val, 4),
         "final_loss": round(loss_val, 4),
         "steps": step,
         "seconds": round(seconds, 1),
@@ -267,8 +276,8 @@ def train_one(
         "history": history,
     }
     log(
-        f"  {mixer:>12} d={d_model:<4} lr={lr:<8g} acc={best:.3f} loss={loss_val:.3f} "
-        f"steps={step} state={result['state_size']} ({seconds:.0f}s)"
+        f"  {mixer:>12} d={d_model:<4} lr={lr:<8g} seed={settings.seed} val={best_val:.3f} test={test:.3f} "
+        f"loss={loss_val:.3f} steps={step} state={result['state_size']} ({seconds:.0f}s)"
     )
     return result
 
@@ -284,46 +293,66 @@ class SweepConfig:
     d_models: list[int] = field(default_factory=lambda: [64, 128, 256])
     lrs: list[float] = field(default_factory=lambda: [1e-4, 4.6e-4, 2.2e-3, 1e-2])
     n_heads: int = 1
+    seeds: int = 1  # seeds of the chosen learning rate (the sweep itself runs the first seed)
     mixer_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     threads: int | None = None  # torch CPU threads (None: torch's default; 1 in worker processes)
     jobs: int = 1  # worker processes, each training one (mixer, d_model) group at a time
 
 
-# CPU preset (2 cores, < 15 min with attention + one linear mixer): 16 pairs in 64 tokens, so that a
-# d_model-sized recurrent state runs out of room while attention's KV cache does not; up to 3000 steps
-# of batch 32 (each training sequence seen once). Measured while tuning (1 thread): attention at
-# d_model 32 learns the lookup around step 1100 with lr 6e-3 (0.99 by step 2500) and around step 1300
-# with 3e-3; with 1e-3 it had not started by step 3000, so the sweep is 6e-3 then 3e-3.
+# CPU preset (2 cores, <= 15 min for every mixer): 16 pairs in 64 tokens, so that a d_model-sized
+# recurrent state runs out of room while attention's KV cache does not. The budget is what the
+# previous 1-epoch preset lacked (it measured the optimiser: attention with lr 1e-3, batch 64 and 8
+# epochs over 20K examples reaches 0.99 on this setting at d_model 64). Learning rates log-spaced over
+# a decade, early stopping on the validation split (patience: 2 epochs), one seed (a second doubles
+# the time; the zoology preset runs three).
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {
         "data": {
             "vocab_size": 128,
             "seq_len": 64,
             "num_kv_pairs": 16,
-            "train_size": 96_000,
-            "test_size": 512,
+            "train_size": 16_000,
+            "val_size": 500,
+            "test_size": 1000,
         },
-        "train": {"epochs": 1, "batch_size": 32, "eval_every": 250},
+        "train": {"epochs": 6, "batch_size": 64, "eval_every": 125, "patience": 4},
         "d_models": [16, 32, 64],
-        "lrs": [6e-3, 3e-3],
+        "lrs": [1e-3, 3.2e-3, 1e-2],
         # One thread per model, one model per core: these models are too small to gain from more
         # threads, and on a busy machine extra threads spin-wait (measured: 13 ms of CPU per step on
         # 1 thread vs ~100 ms on 2 under load).
         "threads": 1,
         "jobs": 2,
     },
-    # Zoology's setting (GPU).
+    # `lmstack compare`'s probe: one easier setting at d_model 64 (8 pairs), one learning rate.
+    "quick": {
+        "data": {
+            "vocab_size": 128,
+            "seq_len": 64,
+            "num_kv_pairs": 8,
+            "train_size": 8_000,
+            "val_size": 256,
+            "test_size": 512,
+        },
+        "train": {"epochs": 4, "batch_size": 64, "eval_every": 125, "patience": 2},
+        "d_models": [64],
+        "lrs": [3.2e-3],
+        "threads": 1,
+    },
+    # Zoology's hardest setting (GPU): T = 512 with 64 key-value pairs, lr 1e-4 ... 1e-2 log-spaced.
     "zoology": {
         "data": {
             "vocab_size": 8192,
-            "seq_len": 256,
-            "num_kv_pairs": 16,
+            "seq_len": 512,
+            "num_kv_pairs": 64,
             "train_size": 100_000,
+            "val_size": 1000,
             "test_size": 3000,
         },
-        "train": {"epochs": 32, "batch_size": 256},
+        "train": {"epochs": 32, "batch_size": 64, "patience": 4},
         "d_models": [64, 128, 256, 512],
         "lrs": [1e-4, 4.6e-4, 2.2e-3, 1e-2],
+        "seeds": 3,
     },
 }
 
@@ -339,6 +368,7 @@ def sweep_config(preset: str | None = None, **overrides: Any) -> SweepConfig:
             train=TrainSettings(**p["train"]),
             d_models=list(p["d_models"]),
             lrs=list(p["lrs"]),
+            seeds=p.get("seeds", 1),
             threads=p.get("threads"),
             jobs=p.get("jobs", 1),
         )
@@ -359,8 +389,11 @@ def sweep_config(preset: str | None = None, **overrides: Any) -> SweepConfig:
             f"mqar: train_size {cfg.data.train_size} is smaller than batch_size {cfg.train.batch_size}: "
             "no training step would run"
         )
-    if cfg.data.test_size < 1:
-        raise LMStackError(f"mqar: test_size must be at least 1, got {cfg.data.test_size}")
+    for name in ("val_size", "test_size"):
+        if getattr(cfg.data, name) < 1:
+            raise LMStackError(f"mqar: {name} must be at least 1, got {getattr(cfg.data, name)}")
+    if cfg.seeds < 1:
+        raise LMStackError(f"mqar: seeds must be at least 1, got {cfg.seeds}")
     for name, options in (cfg.mixer_options or {}).items():
         from lmstack.model import get_mixer
         from lmstack.model.schema import from_dict
@@ -376,26 +409,54 @@ def default_mixers() -> list[str]:
 
 
 def _run_group(cfg: SweepConfig, mixer: str, d: int, data=None, log=print) -> list[dict[str, Any]]:
-    """The learning rates of one (mixer, d_model), stopping once one solves the task."""
+    """One (mixer, d_model): the learning rates with the first seed (stopping once one solves the
+    validation split), then the other seeds at the learning rate with the best validation accuracy."""
     if data is None:
-        data = make_splits(cfg.data, seed=cfg.train.seed)
+        data = make_splits(cfg.data)
+    options = {mixer: cfg.mixer_options[mixer]} if mixer in cfg.mixer_options else None
+
+    def run(lr: float, seed: int) -> dict[str, Any]:
+        settings = dataclasses.replace(cfg.train, seed=seed)
+        return train_one(mixer, d, lr, cfg.data, data, settings, cfg.n_heads, options, log)
+
     runs = []
     for lr in cfg.lrs:
-        r = train_one(
-            mixer,
-            d,
-            lr,
-            cfg.data,
-            data,
-            cfg.train,
-            cfg.n_heads,
-            {mixer: cfg.mixer_options[mixer]} if mixer in cfg.mixer_options else None,
-            log,
-        )
-        runs.append(r)
-        if r["accuracy"] >= cfg.train.solved_at:
+        runs.append(run(lr, cfg.train.seed))
+        if runs[-1]["val_accuracy"] >= cfg.train.solved_at:
             break  # solved: the remaining learning rates cannot do better
+    chosen = max(runs, key=lambda r: r["val_accuracy"])["lr"]
+    runs += [run(chosen, cfg.train.seed + i) for i in range(1, cfg.seeds)]
     return runs
+
+
+def best_per_group(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (mixer, d_model): the learning rate chosen on validation accuracy (first seed) and its
+    test accuracy over the seeds (mean, min, max)."""
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for r in runs:
+        groups.setdefault((r["mixer"], r["d_model"]), []).append(r)
+    best = []
+    for (mixer, d), rs in groups.items():
+        first_seed = min(r["seed"] for r in rs)
+        chosen = max((r for r in rs if r["seed"] == first_seed), key=lambda r: r["val_accuracy"])
+        at_lr = [r for r in rs if r["lr"] == chosen["lr"]]
+        accs = [r["accuracy"] for r in at_lr]
+        best.append(
+            {
+                "mixer": mixer,
+                "d_model": d,
+                "lr": chosen["lr"],
+                "accuracy": round(sum(accs) / len(accs), 4),
+                "accuracy_min": min(accs),
+                "accuracy_max": max(accs),
+                "seeds": len(accs),
+                "val_accuracy": chosen["val_accuracy"],
+                "state_size": chosen["state_size"],
+                "params": chosen["params"],
+                "steps": chosen["steps"],
+            }
+        )
+    return best
 
 
 def _worker(job: tuple) -> tuple[list[dict[str, Any]], float]:
@@ -443,13 +504,8 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict[str, Any]:
         worker_cpu = sum(c for _, c in done)
         runs = [r for i in range(len(groups)) for r in by_group[i]]
     else:
-        data = make_splits(cfg.data, seed=cfg.train.seed)
+        data = make_splits(cfg.data)
         runs = [r for m, d in groups for r in _run_group(cfg, m, d, data, log)]
-    best: dict[tuple[str, int], dict[str, Any]] = {}
-    for r in runs:
-        key = (r["mixer"], r["d_model"])
-        if key not in best or r["accuracy"] > best[key]["accuracy"]:
-            best[key] = r
     return {
         "config": {
             "data": dataclasses.asdict(cfg.data),
@@ -458,13 +514,11 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict[str, Any]:
             "d_models": cfg.d_models,
             "lrs": cfg.lrs,
             "n_heads": cfg.n_heads,
+            "seeds": cfg.seeds,
             "mixer_options": cfg.mixer_options,
             "model": "2 layers: shortconv (kernel 4) then the mixer, each with a SwiGLU MLP (hidden 2*d_model)",
         },
-        "best": [
-            {k: best[key][k] for k in ("mixer", "d_model", "lr", "accuracy", "state_size", "params", "steps")}
-            for key in sorted(best, key=lambda kd: (mixers.index(kd[0]), kd[1]))
-        ],
+        "best": sorted(best_per_group(runs), key=lambda b: (mixers.index(b["mixer"]), b["d_model"])),
         "runs": runs,
         "seconds": round(time.perf_counter() - start, 1),
         "cpu_seconds": round(time.process_time() - cpu_start + worker_cpu, 1),
@@ -476,19 +530,24 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict[str, Any]:
 
 def markdown_table(result: dict[str, Any], command: str | None = None) -> str:
     cfg = result["config"]
-    d = cfg["data"]
+    d, t = cfg["data"], cfg["train"]
     d_models = cfg["d_models"]
     by = {(b["mixer"], b["d_model"]): b for b in result["best"]}
+    stop = f"val accuracy {t['solved_at']}" + (
+        f" or {t['patience']} evaluations without gain" if t["patience"] else ""
+    )
     lines = [
         "# MQAR (multi-query associative recall)",
         "",
         f"vocab {d['vocab_size']}, seq_len {d['seq_len']}, {d['num_kv_pairs']} key-value pairs, "
-        f"power_a {d['power_a']}, {d['train_size']} train / {d['test_size']} test sequences; "
-        f"{cfg['train']['epochs']} epochs max, batch {cfg['train']['batch_size']}, "
-        f"best of lr {cfg['lrs']}. Model: {cfg['model']}, {cfg['n_heads']} head(s).",
+        f"power_a {d['power_a']}; {d['train_size']} train / {d['val_size']} validation / {d['test_size']} "
+        f"test sequences; up to {t['epochs']} epochs, batch {t['batch_size']}, early stopping on the "
+        f"validation split ({stop}); learning rates {cfg['lrs']}, chosen on validation accuracy; "
+        f"{cfg['seeds']} seed(s) at the chosen rate. Model: {cfg['model']}, {cfg['n_heads']} head(s).",
         "",
-        "Test accuracy on the queried values (best learning rate); state = elements of one sequence's "
-        f"decoding state in the mixer layer after {d['seq_len']} tokens.",
+        "Test accuracy on the queried values (mean over seeds, min–max when more than one; test split "
+        "read once per run, with the weights of the best validation accuracy); state = elements of one "
+        f"sequence's decoding state in the mixer layer after {d['seq_len']} tokens.",
         "",
         "| mixer | " + " | ".join(f"d_model={dm}" for dm in d_models) + " |",
         "|---|" + "---|" * len(d_models),
@@ -497,21 +556,23 @@ def markdown_table(result: dict[str, Any], command: str | None = None) -> str:
         cells = []
         for dm in d_models:
             b = by.get((mixer, dm))
-            cells.append(
-                "—" if b is None else f"{b['accuracy']:.3f} (state {b['state_size']}, lr {b['lr']:g})"
-            )
+            if b is None:
+                cells.append("—")
+                continue
+            spread = f" ({b['accuracy_min']:.2f}–{b['accuracy_max']:.2f})" if b["seeds"] > 1 else ""
+            cells.append(f"{b['accuracy']:.3f}{spread}, state {b['state_size']}, lr {b['lr']:g}")
         lines.append(f"| {mixer} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        "All runs (a learning rate is skipped once an earlier one solved the setting):",
+        "All runs (the remaining learning rates are skipped once one solves the validation split):",
         "",
-        "| mixer | d_model | lr | accuracy | steps | seconds | params |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| mixer | d_model | lr | seed | val acc | test acc | steps | seconds | params |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["runs"]:
         lines.append(
-            f"| {r['mixer']} | {r['d_model']} | {r['lr']:g} | {r['accuracy']:.3f} | {r['steps']} | "
-            f"{r['seconds']:.0f} | {r['params']} |"
+            f"| {r['mixer']} | {r['d_model']} | {r['lr']:g} | {r['seed']} | {r['val_accuracy']:.3f} | "
+            f"{r['accuracy']:.3f} | {r['steps']} | {r['seconds']:.0f} | {r['params']} |"
         )
     lines += [
         "",

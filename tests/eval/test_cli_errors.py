@@ -19,6 +19,8 @@ import pytest
         (["mqar", "--lrs", "1e-3,x"], "--lrs: expected comma-separated float values"),
         (["mqar", "--train-size", "8", "--batch-size", "32"], "train_size 8 is smaller than batch_size 32"),
         (["mqar", "--test-size", "0"], "test_size must be at least 1"),
+        (["mqar", "--val-size", "0"], "val_size must be at least 1"),
+        (["mqar", "--seeds", "0"], "seeds must be at least 1"),
         (["harness", "/nonexistent", "--batch-size", "abc"], "--batch-size: expected an integer or 'auto'"),
     ],
 )

@@ -99,6 +99,53 @@ def test_state_size_counts_the_mixer_layer():
     assert mqar.state_size(model, 32, layer=0) == 3 * 32  # shortconv: last k-1 inputs
 
 
+# An easy setting (4 pairs in 32 tokens, 16 keys): attention learns the lookup in ~400 steps of batch
+# 32; a stack of short convolutions sees only the last 4 tokens, so it can answer only the queries
+# that follow their key-value pair closely (chance alone: 1/16).
+EASY = mqar.MQARConfig(
+    vocab_size=32, seq_len=32, num_kv_pairs=4, train_size=32 * 1000, val_size=256, test_size=512
+)
+
+
+@pytest.fixture(scope="module")
+def easy_data():
+    return mqar.make_splits(EASY)
+
+
+def test_attention_solves_easy_mqar(easy_data):
+    settings = mqar.TrainSettings(epochs=1, batch_size=32, eval_every=50, solved_at=0.95)
+    r = mqar.train_one("attention", 64, 3e-3, EASY, easy_data, settings, log=lambda m: None)
+    assert r["accuracy"] >= 0.9, r["history"]
+
+
+def test_shortconv_only_stays_near_chance(easy_data):
+    settings = mqar.TrainSettings(epochs=1, batch_size=32, eval_every=100)
+    small = (easy_data[0][0][: 32 * 400], easy_data[0][1][: 32 * 400]), *easy_data[1:]
+    r = mqar.train_one("shortconv", 64, 3e-3, EASY, small, settings, log=lambda m: None)
+    assert r["steps"] == 400 and r["accuracy"] < 0.3, r["history"]
+
+
+def test_splits_are_disjoint_draws():
+    train, val, test = mqar.make_splits(
+        mqar.MQARConfig(vocab_size=64, seq_len=32, num_kv_pairs=4, train_size=64, val_size=32, test_size=32)
+    )
+    assert len(train[0]) == 64 and len(val[0]) == len(test[0]) == 32
+    assert not torch.equal(val[0], test[0][: len(val[0])]) and not torch.equal(train[0][:32], val[0])
+
+
+def test_lr_is_chosen_on_validation_and_seeds_are_averaged():
+    run = lambda lr, seed, val, test: {"mixer": "m", "d_model": 8, "lr": lr, "seed": seed, "val_accuracy": val,
+                                       "accuracy": test, "state_size": 1, "params": 1, "steps": 1}  # fmt: skip
+    runs = [run(1e-3, 0, 0.5, 0.9), run(3e-3, 0, 0.7, 0.6), run(3e-3, 1, 0.8, 0.8), run(1e-3, 1, 0.9, 0.1)]
+    (best,) = mqar.best_per_group(runs)
+    assert best["lr"] == 3e-3 and best["val_accuracy"] == 0.7  # not the higher test accuracy of 1e-3
+    assert best["accuracy"] == 0.7 and (best["accuracy_min"], best["accuracy_max"], best["seeds"]) == (
+        0.6,
+        0.8,
+        2,
+    )
+
+
 def test_tiny_sweep_writes_table_json_and_plot(tmp_path):
     cfg = mqar.sweep_config(
         None,
@@ -106,17 +153,24 @@ def test_tiny_sweep_writes_table_json_and_plot(tmp_path):
         seq_len=32,
         num_kv_pairs=4,
         train_size=128,
+        val_size=16,
         test_size=32,
         epochs=1,
         batch_size=32,
         d_models=[16, 32],
-        lrs=[3e-3],
+        lrs=[3e-3, 1e-2],
+        seeds=2,
         mixers=["attention"],
     )
     result = mqar.run_sweep(cfg, log=lambda m: None)
     assert [(b["mixer"], b["d_model"]) for b in result["best"]] == [("attention", 16), ("attention", 32)]
+    # per group: both learning rates with seed 0, then seed 1 at the chosen one
+    assert [(r["d_model"], r["lr"], r["seed"]) for r in result["runs"]] == [
+        (16, 3e-3, 0), (16, 1e-2, 0), (16, result["best"][0]["lr"], 1),
+        (32, 3e-3, 0), (32, 1e-2, 0), (32, result["best"][1]["lr"], 1),
+    ]  # fmt: skip
     for b in result["best"]:
-        assert 0 <= b["accuracy"] <= 1 and b["state_size"] == 2 * 32 * b["d_model"]
+        assert b["seeds"] == 2 and b["state_size"] == 2 * 32 * b["d_model"]
     paths = mqar.write_outputs(result, tmp_path / "mqar", "lmstack eval mqar --test")
     assert [p.name for p in paths] == ["mqar.json", "mqar.md", "mqar.png"]
     assert json.loads(paths[0].read_text())["command"] == "lmstack eval mqar --test"
@@ -126,7 +180,8 @@ def test_tiny_sweep_writes_table_json_and_plot(tmp_path):
 
 
 def test_parallel_sweep_matches_sequential():
-    kw = dict(vocab_size=64, seq_len=32, num_kv_pairs=4, train_size=64, test_size=16, epochs=1, batch_size=32)
+    kw = dict(vocab_size=64, seq_len=32, num_kv_pairs=4, train_size=64, val_size=16, test_size=16)
+    kw |= dict(epochs=1, batch_size=32)
     kw |= dict(d_models=[16, 32], lrs=[1e-3], mixers=["attention"], threads=1)
     seq = mqar.run_sweep(mqar.sweep_config(None, **kw), log=lambda m: None)
     par = mqar.run_sweep(mqar.sweep_config(None, jobs=2, **kw), log=lambda m: None)
@@ -163,6 +218,8 @@ def test_cli_mqar(tmp_path, capsys):
             "4",
             "--train-size",
             "64",
+            "--val-size",
+            "16",
             "--test-size",
             "16",
             "--epochs",
