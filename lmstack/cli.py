@@ -81,6 +81,37 @@ def cmd_plot(args: argparse.Namespace) -> None:
         print(f"wrote {path}")
 
 
+def cmd_compare(args: argparse.Namespace) -> None:
+    import shlex
+
+    from lmstack.eval.cli import json_object
+    from lmstack.eval.compare import CompareSettings, markdown, run_compare
+    from lmstack.eval.mqar import parse_list
+
+    configs = [c for c in args.configs if "=" not in c]
+    overrides = [c for c in args.configs if "=" in c]
+    tasks = None if args.tasks == ["none"] else args.tasks
+    limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
+    settings = CompareSettings(
+        tasks=tasks,
+        harness_batch_size=args.batch_size,
+        harness_limit=limit,
+        mqar_preset=None if args.mqar == "none" else args.mqar,
+        mqar_settings=json_object(args.mqar_settings, "--mqar-settings"),
+    )
+    command = " ".join(shlex.quote(a) for a in ["lmstack", "compare", *args.argv])
+    report = run_compare(
+        configs,
+        parse_list(args.mixers, str, "--mixers"),
+        overrides,
+        args.out,
+        settings,
+        command,
+        log=lambda m: print(m, file=sys.stderr, flush=True),
+    )
+    print(markdown(report), end="")
+
+
 class _IntermixedParser(argparse.ArgumentParser):
     """A sub-command parser that accepts positionals after options (`train cfg --resume auto x.y=1`).
 
@@ -168,6 +199,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="a train.run_dir holding metrics.jsonl")
     p.set_defaults(func=cmd_plot)
 
+    p = sub.add_parser(
+        "compare",
+        help="train one model shape with several mixers (or configs) and report them side by side",
+        description="Train each CONFIG x --mixers run with `lmstack train` on the same data, tokens and "
+        "schedule, then export and evaluate each (held-out perplexity, decoding state, MQAR probe, "
+        "lm-eval) and write OUT/compare.md, compare.json and loss.png. Finished stages are skipped and "
+        "an interrupted training resumes: run the same command again to continue.",
+    )
+    p.add_argument(
+        "configs", nargs="+", help="YAML run config(s), then section.field=value overrides for all runs"
+    )
+    p.add_argument("--mixers", default=None, help="comma-separated registry names, e.g. attention,lightning")
+    p.add_argument("--out", "-o", default="runs/compare", help="output folder (runs/ and the report)")
+    p.add_argument(
+        "--tasks", nargs="+", default=["offline"], help="lm-eval tasks or presets (as eval harness), or none"
+    )
+    p.add_argument("--limit", type=float, default=None, help="lm-eval examples per task (a fraction if < 1)")
+    p.add_argument("--batch-size", type=int, default=16, help="lm-eval batch size")
+    p.add_argument("--mqar", default="quick", help="MQAR preset of the probe (see eval mqar), or none")
+    p.add_argument(
+        "--mqar-settings", default=None, help='JSON overrides of the MQAR preset, e.g. {"epochs": 2}'
+    )
+    p.set_defaults(func=cmd_compare)
+
     from lmstack.eval.cli import add_eval_parser
 
     add_eval_parser(sub)  # `lmstack eval {harness,mqar,ppl}` (lmstack/eval/cli.py)
@@ -177,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[2:] if argv is None else argv[1:])  # for reports: the command as given
     try:
         args.func(args)
     except LMStackError as err:

@@ -114,7 +114,8 @@ def _add_mqar(sub) -> None:
     p.set_defaults(func=cmd_mqar)
 
 
-def _json_mapping(text: str | None, flag: str) -> dict | None:
+def json_object(text: str | None, flag: str, what: str = "a JSON object") -> dict | None:
+    """The JSON object given to `flag` (None when empty); anything else is a one-line error."""
     if not text:
         return None
     try:
@@ -122,7 +123,7 @@ def _json_mapping(text: str | None, flag: str) -> dict | None:
     except json.JSONDecodeError as err:
         raise LMStackError(f"{flag}: not valid JSON ({err.msg}), got {text!r}") from None
     if not isinstance(value, dict):
-        raise LMStackError(f"{flag}: expected a JSON object mapping mixer names to options, got {text!r}")
+        raise LMStackError(f"{flag}: expected {what}, got {text!r}")
     return value
 
 
@@ -147,7 +148,9 @@ def cmd_mqar(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         n_heads=args.n_heads,
         seed=args.seed,
-        mixer_options=_json_mapping(args.mixer_options, "--mixer-options"),
+        mixer_options=json_object(
+            args.mixer_options, "--mixer-options", "a JSON object mapping mixer names to options"
+        ),
         threads=args.threads,
         jobs=args.jobs,
     )
@@ -162,7 +165,7 @@ def mqar_command(args: argparse.Namespace) -> str:
     """The command line that reproduces this sweep (the options given, in a fixed order)."""
     parts = ["lmstack", "eval", "mqar"]
     for name, value in vars(args).items():
-        if name in ("func", "command", "eval_command") or value is None:
+        if name in ("func", "command", "eval_command", "argv") or value is None:
             continue
         parts += [f"--{name.replace('_', '-')}", str(value)]
     return " ".join(shlex.quote(p) for p in parts)

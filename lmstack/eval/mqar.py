@@ -154,15 +154,15 @@ def _tensor_elements(obj: Any, batch: int) -> int:
 
 
 @torch.no_grad()
-def state_size(model, seq_len: int, layer: int = 1) -> int:
-    """Elements of one sequence's decoding state in `layer` after `seq_len` tokens: the mixer's
-    recurrent state (KV cache for attention: 2 x seq_len x d_model)."""
+def state_size(model, seq_len: int, layer: int | None = 1) -> int:
+    """Elements of one sequence's decoding state in `layer` (None: all layers) after `seq_len`
+    tokens: the mixer's recurrent state (KV cache for attention: 2 x seq_len x d_model)."""
     was_training = model.training
     model.eval()
     ids = torch.zeros(1, seq_len, dtype=torch.long, device=next(model.parameters()).device)
     cache = model(ids, use_cache=True).cache
     model.train(was_training)
-    return _tensor_elements(cache.states[layer], 1)
+    return _tensor_elements(cache.states if layer is None else cache.states[layer], 1)
 
 
 @torch.no_grad()
