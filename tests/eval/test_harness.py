@@ -181,3 +181,39 @@ def test_lm_eval_framing_matches_training(tmp_path, add_bos):
     bos, eos = index.tokenizer["bos_token_id"], index.tokenizer["eos_token_id"]
     assert (ids[0] == bos) is add_bos
     assert lm.prefix_token_id == (bos if add_bos else eos)
+
+
+@pytest.fixture(scope="module")
+def mc_requests():
+    """(context, continuation) pairs of the offline multiple-choice task: 12 items x 4 choices."""
+    pairs = []
+    with open(harness.TASK_PACK / "lmstack_mc.jsonl", encoding="utf-8") as f:
+        for line, _ in zip(f, range(12)):
+            item = json.loads(line)
+            pairs += [(item["context"], " " + choice) for choice in item["choices"]]
+    return pairs
+
+
+@pytest.mark.parametrize("batch_size", [1, 16])
+def test_harness_loglikelihoods_equal_direct_log_softmax_sums(exported, mc_requests, batch_size):
+    """lm-eval's per-request log-likelihoods (batched, right-padded by lm-eval) equal the sum of the
+    continuation tokens' log-softmax from one plain forward of the lmstack LM per request."""
+    import torch
+    import torch.nn.functional as F
+    from lm_eval.api.instance import Instance
+
+    loaded = harness.load_model(exported["trained"])
+    lm = harness.make_lm(loaded.model, loaded.tokenizer, loaded.add_bos, batch_size=batch_size)
+    requests = [
+        Instance(request_type="loglikelihood", doc={}, arguments=pair, idx=i)
+        for i, pair in enumerate(mc_requests)
+    ]
+    got = [logp for logp, _ in lm.loglikelihood(requests, disable_tqdm=True)]
+    tok, model = loaded.tokenizer, loaded.model.model
+    for (context, continuation), value in zip(mc_requests, got):
+        ids = tok(context + continuation, add_special_tokens=False)["input_ids"]
+        n_ctx = len(tok(context, add_special_tokens=False)["input_ids"])
+        with torch.no_grad():
+            logp = F.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
+        direct = sum(logp[t - 1, ids[t]].item() for t in range(n_ctx, len(ids)))
+        assert value == pytest.approx(direct, rel=1e-5, abs=1e-4), (context[-30:], continuation)

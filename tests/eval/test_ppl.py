@@ -26,6 +26,38 @@ def test_ppl_scores_every_validation_token(prepared, models):
     assert r_long["tokens"] == r_t["tokens"]
 
 
+@pytest.mark.parametrize("seq_len", [64, 100])
+def test_ppl_equals_nll_of_plain_forward_passes(prepared, models, seq_len):
+    """The reader cuts the split's token stream into rows of seq_len; each piece of a document inside
+    a row is scored here on its own by a plain forward (no batch context, no packing), and its last
+    token predicts the token after the piece (the next row's or document's first)."""
+    import torch
+    import torch.nn.functional as F
+
+    from lmstack.data.reader import TokenStream
+
+    cfg, index = prepared
+    _, model = models
+    stream = TokenStream(index, "val")
+    tokens, docs = (torch.from_numpy(a) for a in stream.read(0, stream.num_tokens))
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for row in range(0, len(tokens) - 1, seq_len):
+            end = min(row + seq_len, len(tokens) - 1)
+            cuts = [
+                row,
+                *(torch.nonzero(docs[row + 1 : end] != docs[row : end - 1]).flatten() + row + 1).tolist(),
+                end,
+            ]
+            for a, b in zip(cuts[:-1], cuts[1:]):
+                logp = F.log_softmax(model(tokens[a:b][None]).logits[0].double(), -1)
+                nll -= logp.gather(1, tokens[a + 1 : b + 1, None]).sum().item()
+                count += b - a
+    result = perplexity(model, cfg.path, seq_len=seq_len, batch_size=3)
+    assert result["tokens"] == count == index.num_tokens("val") - 1
+    assert result["loss"] == pytest.approx(nll / count, rel=1e-5)
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, prepared, models):
     """A plain model directory (config.yaml naming the data, model.safetensors, tokenizer/)."""
