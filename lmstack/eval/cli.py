@@ -110,7 +110,12 @@ def _add_mqar(sub) -> None:
     p.add_argument("--mixer-options", default=None, help='JSON, e.g. {"lightning": {"gate": "silu"}}')
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (per worker process)")
     p.add_argument("--jobs", type=int, default=None, help="worker processes (one (mixer, d_model) each)")
-    p.add_argument("--out", default="mqar", help="output prefix (writes PREFIX.md/.json/.png)")
+    p.add_argument(
+        "--out",
+        default="mqar",
+        help="output prefix (writes PREFIX.md/.json/.png); groups already in PREFIX.json or in an "
+        "interrupted sweep's PREFIX.progress.jsonl with the same settings are not trained again",
+    )
     p.set_defaults(func=cmd_mqar)
 
 
@@ -154,7 +159,10 @@ def cmd_mqar(args: argparse.Namespace) -> None:
         threads=args.threads,
         jobs=args.jobs,
     )
-    result = mqar.run_sweep(cfg, log=lambda m: print(m, file=sys.stderr, flush=True))
+    done, progress = mqar.load_finished(cfg, args.out)
+    result = mqar.run_sweep(
+        cfg, log=lambda m: print(m, file=sys.stderr, flush=True), done=done, on_group=progress
+    )
     command = mqar_command(args)
     paths = mqar.write_outputs(result, args.out, command)
     print(mqar.markdown_table(result, command), end="")

@@ -459,7 +459,7 @@ def best_per_group(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return best
 
 
-def _worker(job: tuple) -> tuple[list[dict[str, Any]], float]:
+def _worker(job: tuple) -> list[dict[str, Any]]:
     """A worker process: one (mixer, d_model) group. Spawned, so it imports the mixers' modules
     (a mixer registered outside lmstack.model.mixers, e.g. by a plugin, is imported by name)."""
     import importlib
@@ -469,12 +469,24 @@ def _worker(job: tuple) -> tuple[list[dict[str, Any]], float]:
     for module in modules:
         importlib.import_module(module)
     torch.set_num_threads(cfg.threads or 1)
-    cpu = time.process_time()
-    runs = _run_group(cfg, mixer, d, log=lambda m: print(m, file=sys.stderr, flush=True))
-    return runs, time.process_time() - cpu
+    return _run_group(cfg, mixer, d, log=lambda m: print(m, file=sys.stderr, flush=True))
 
 
-def run_sweep(cfg: SweepConfig, log=print) -> dict[str, Any]:
+def sweep_key(cfg: SweepConfig) -> str:
+    """What makes two sweeps' runs comparable: every setting but the groups (mixers, d_models) and
+    the parallelism."""
+    fields = {k: getattr(cfg, k) for k in ("lrs", "n_heads", "seeds", "mixer_options")}
+    return json.dumps(
+        {"data": dataclasses.asdict(cfg.data), "train": dataclasses.asdict(cfg.train), **fields}
+    )
+
+
+def run_sweep(
+    cfg: SweepConfig, log=print, done: list[dict[str, Any]] | None = None, on_group=None
+) -> dict[str, Any]:
+    """Train every (mixer, d_model) group of `cfg` but those with runs in `done` (from an earlier,
+    interrupted or narrower sweep with the same `sweep_key`); `on_group(runs)` sees each group as
+    it finishes. Returns the result of all groups (`write_outputs` writes it)."""
     from lmstack.model import MIXERS
 
     mixers = cfg.mixers or default_mixers()
@@ -483,29 +495,38 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict[str, Any]:
             raise LMStackError(f"mqar: unknown mixer '{m}'; registered: {', '.join(sorted(MIXERS))}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    done = [r for r in done or [] if r["mixer"] in mixers and r["d_model"] in cfg.d_models]
+    finished = {(r["mixer"], r["d_model"]) for r in done}
+    groups = [(m, d) for m in mixers for d in cfg.d_models if (m, d) not in finished]
     log(
         f"MQAR: vocab={cfg.data.vocab_size} seq_len={cfg.data.seq_len} kv_pairs={cfg.data.num_kv_pairs} "
-        f"train={cfg.data.train_size} test={cfg.data.test_size}; mixers={mixers} d_models={cfg.d_models} "
-        f"lrs={cfg.lrs}; {cfg.jobs} worker process(es)"
+        f"train={cfg.data.train_size} val={cfg.data.val_size} test={cfg.data.test_size}; mixers={mixers} "
+        f"d_models={cfg.d_models} lrs={cfg.lrs}; {len(groups)} group(s) to train ({len(finished)} done "
+        f"before), {cfg.jobs} worker process(es)"
     )
-    start, cpu_start = time.perf_counter(), time.process_time()
-    groups = [(m, d) for m in mixers for d in cfg.d_models]
-    worker_cpu = 0.0
-    if cfg.jobs > 1:
+    on_group = on_group or (lambda runs: None)
+    start = time.perf_counter()
+    new: list[dict[str, Any]] = []
+    if cfg.jobs > 1 and groups:
         import multiprocessing
 
         # Largest first, so that the long groups do not end up last on one worker.
-        order = sorted(range(len(groups)), key=lambda i: -groups[i][1])
+        groups.sort(key=lambda g: -g[1])
         modules = sorted({MIXERS[m].__module__ for m in mixers} | {MIXERS["shortconv"].__module__})
-        jobs = [(cfg, groups[i][0], groups[i][1], modules) for i in order]
+        jobs = [(cfg, m, d, modules) for m, d in groups]
         with multiprocessing.get_context("spawn").Pool(min(cfg.jobs, len(jobs))) as pool:
-            done = pool.map(_worker, jobs, chunksize=1)
-        by_group = {order[k]: runs for k, (runs, _) in enumerate(done)}
-        worker_cpu = sum(c for _, c in done)
-        runs = [r for i in range(len(groups)) for r in by_group[i]]
-    else:
+            for runs in pool.imap_unordered(_worker, jobs, chunksize=1):
+                on_group(runs)
+                new += runs
+    elif groups:
         data = make_splits(cfg.data)
-        runs = [r for m, d in groups for r in _run_group(cfg, m, d, data, log)]
+        for m, d in groups:
+            runs = _run_group(cfg, m, d, data, log)
+            on_group(runs)
+            new += runs
+    # The same order whatever ran where: mixers as given, then d_model, then as trained.
+    order = {(m, d): i for i, (m, d) in enumerate((m, d) for m in mixers for d in cfg.d_models)}
+    runs = sorted(done + new, key=lambda r: order[(r["mixer"], r["d_model"])])
     return {
         "config": {
             "data": dataclasses.asdict(cfg.data),
@@ -518,13 +539,14 @@ def run_sweep(cfg: SweepConfig, log=print) -> dict[str, Any]:
             "mixer_options": cfg.mixer_options,
             "model": "2 layers: shortconv (kernel 4) then the mixer, each with a SwiGLU MLP (hidden 2*d_model)",
         },
+        "sweep_key": sweep_key(cfg),
         "best": sorted(best_per_group(runs), key=lambda b: (mixers.index(b["mixer"]), b["d_model"])),
         "runs": runs,
-        "seconds": round(time.perf_counter() - start, 1),
-        "cpu_seconds": round(time.process_time() - cpu_start + worker_cpu, 1),
+        "seconds": round(time.perf_counter() - start, 1),  # this session's wall time
+        "cpu_seconds": round(sum(r["cpu_seconds"] for r in runs), 1),  # training CPU time, all runs
         "jobs": cfg.jobs,
         "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
+        "threads": cfg.threads or torch.get_num_threads(),
     }
 
 
@@ -576,9 +598,9 @@ def markdown_table(result: dict[str, Any], command: str | None = None) -> str:
         )
     lines += [
         "",
-        f"Total wall time {result['seconds']:.0f} s ({result.get('cpu_seconds', float('nan')):.0f} s of CPU time) "
-        f"in {result.get('jobs', 1)} process(es) with {result['threads']} torch thread(s) each, "
-        f"torch {result['torch']}.",
+        f"Wall time {result['seconds']:.0f} s (of the last session when a sweep was continued); training CPU "
+        f"time {result['cpu_seconds']:.0f} s over all runs; {result['jobs']} process(es) with "
+        f"{result['threads']} torch thread(s) each, torch {result['torch']}.",
     ]
     if command:
         lines += ["", "Made with:", "", "```", command, "```"]
@@ -613,6 +635,39 @@ def plot(result: dict[str, Any], path: str | Path) -> None:
     plt.close(fig)
 
 
+def load_finished(cfg: SweepConfig, out_prefix: str | Path):
+    """(runs of the groups finished before with the same settings, a callback that records each new
+    group) for the sweep writing `out_prefix`: read from PREFIX.json and from PREFIX.progress.jsonl,
+    the record of a sweep that was interrupted (removed once PREFIX.json is written)."""
+    prefix, key = Path(out_prefix), sweep_key(cfg)
+    result_path, progress_path = prefix.with_suffix(".json"), prefix.with_suffix(".progress.jsonl")
+    sources: list[list[dict[str, Any]]] = []
+    if result_path.is_file():
+        old = json.loads(result_path.read_text())
+        if old.get("sweep_key") == key:
+            sources.append(old["runs"])
+    if progress_path.is_file():
+        for line in progress_path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by a crash: that group runs again
+                continue
+            if record.get("sweep_key") == key:
+                sources.append(record["runs"])
+    by_group: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for runs in sources:  # each group once, from the first source that has it
+        for group in dict.fromkeys((r["mixer"], r["d_model"]) for r in runs):
+            if group not in by_group:
+                by_group[group] = [r for r in runs if (r["mixer"], r["d_model"]) == group]
+
+    def record(runs: list[dict[str, Any]]) -> None:
+        progress_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(progress_path, "a") as f:
+            f.write(json.dumps({"sweep_key": key, "runs": runs}) + "\n")
+
+    return [r for runs in by_group.values() for r in runs], record
+
+
 def write_outputs(result: dict[str, Any], out_prefix: str | Path, command: str | None = None) -> list[Path]:
     """Write `<prefix>.json`, `<prefix>.md` and `<prefix>.png`; returns the paths."""
     prefix = Path(out_prefix)
@@ -621,6 +676,7 @@ def write_outputs(result: dict[str, Any], out_prefix: str | Path, command: str |
     paths[0].write_text(json.dumps({**result, "command": command}, indent=2) + "\n")
     paths[1].write_text(markdown_table(result, command))
     plot(result, paths[2])
+    prefix.with_suffix(".progress.jsonl").unlink(missing_ok=True)  # every group is in the JSON now
     return paths
 
 

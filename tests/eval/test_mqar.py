@@ -231,3 +231,35 @@ def test_cli_mqar(tmp_path, capsys):
     assert "| attention |" in capsys.readouterr().out
     saved = json.loads(out.with_suffix(".json").read_text())
     assert saved["command"].startswith("lmstack eval mqar --mixers attention --d-models 16")
+
+
+def test_sweep_continues_from_finished_groups(tmp_path, capsys):
+    """A sweep skips the groups that an earlier sweep with the same settings finished (in PREFIX.json
+    or, when it was interrupted, in PREFIX.progress.jsonl), and reports them with the new ones."""
+    from lmstack.cli import main
+
+    out = tmp_path / "res"
+    args = ["eval", "mqar", "--mixers", "attention", "--lrs", "1e-3", "--vocab-size", "64", "--seq-len", "32",
+            "--num-kv-pairs", "4", "--train-size", "64", "--val-size", "16", "--test-size", "16", "--epochs", "1",
+            "--out", str(out)]  # fmt: skip
+    main([*args, "--d-models", "16"])
+    first = json.loads(out.with_suffix(".json").read_text())["runs"]
+    capsys.readouterr()
+    cfg = mqar.sweep_config(None, **{**_settings(args), "d_models": [16, 32, 8]})
+    _, record = mqar.load_finished(cfg, out)
+    record([{**first[0], "d_model": 8, "accuracy": 0.5}])  # as if an interrupted sweep had finished d=8
+    main([*args, "--d-models", "16,32,8"])
+    assert "1 group(s) to train (2 done before)" in capsys.readouterr().err
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert [r["d_model"] for r in saved["runs"]] == [16, 32, 8]
+    assert saved["runs"][0] == first[0] and saved["runs"][2]["accuracy"] == 0.5
+    assert not out.with_suffix(".progress.jsonl").exists()
+    main([*args, "--d-models", "16", "--epochs", "2"])  # other settings: nothing is reused
+    assert "1 group(s) to train (0 done before)" in capsys.readouterr().err
+
+
+def _settings(args: list[str]) -> dict:
+    """The sweep settings of `lmstack eval mqar` arguments (flag -> value, numbers parsed)."""
+    pairs = dict(zip(args[2::2], args[3::2]))
+    cast = {"--lrs": lambda v: [float(v)], "--mixers": lambda v: [v]}
+    return {k[2:].replace("-", "_"): cast.get(k, int)(v) for k, v in pairs.items() if k not in ("--out",)}
