@@ -217,3 +217,23 @@ def test_harness_loglikelihoods_equal_direct_log_softmax_sums(exported, mc_reque
             logp = F.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
         direct = sum(logp[t - 1, ids[t]].item() for t in range(n_ctx, len(ids)))
         assert value == pytest.approx(direct, rel=1e-5, abs=1e-4), (context[-30:], continuation)
+
+
+def test_lm_eval_generate_until_is_the_same_at_batch_1_and_8(exported, mc_requests):
+    """lm-eval's generate_until left-pads a batch of contexts and decodes with the cache: the
+    continuations equal those generated one context at a time."""
+    from lm_eval.api.instance import Instance
+
+    loaded = harness.load_model(exported["trained"])
+    until = {"until": ["\n\n"], "max_gen_toks": 8, "do_sample": False}
+    # contexts of different lengths, so that the batch holds padding
+    contexts = [context[: 40 + 23 * i] for i, (context, _) in enumerate(mc_requests[::4][:8])]
+    outputs = {}
+    for batch_size in (1, 8):
+        lm = harness.make_lm(loaded.model, loaded.tokenizer, loaded.add_bos, batch_size=batch_size)
+        requests = [
+            Instance(request_type="generate_until", doc={}, arguments=(c, dict(until)), idx=i)
+            for i, c in enumerate(contexts)
+        ]
+        outputs[batch_size] = lm.generate_until(requests, disable_tqdm=True)
+    assert outputs[8] == outputs[1] and len(set(outputs[1])) > 1
