@@ -38,7 +38,6 @@ SAME_BUDGET = [
     "train.decay_steps",
     "train.seed",
 ]
-STAGES = ["train", "export", "ppl", "state", "mqar", "harness"]
 
 
 @dataclass
