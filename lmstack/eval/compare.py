@@ -111,16 +111,20 @@ def train_run(run: Run, log: Callable[[str], None]) -> dict[str, Any]:
     if tags:
         log(f"{run.name}: train: resuming from checkpoint {tags[-1]}")
     run.stage_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "lmstack.cli", "train", run.config_path, *run.overrides, "--resume", "auto"]
-    cmd += ["train.progress_bar=false"]
+    cmd = [sys.executable, "-m", "lmstack.cli", "train", run.config_path, *run.overrides]
+    cmd += ["train.progress_bar=false", "--resume", "auto"]
     start = time.perf_counter()
-    with open(run.stage_dir / "train.log", "a") as out:
+    log_path = run.stage_dir / "train.log"
+    with open(log_path, "a") as out:
         code = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ)).returncode
     if code != 0:
-        tail = (run.stage_dir / "train.log").read_text().strip().splitlines()[-1:] or [""]
+        errors = [
+            line for line in log_path.read_text().splitlines() if line.startswith("lmstack train: error:")
+        ]
+        reason = f": {errors[-1].removeprefix('lmstack train: error: ')}" if errors else ""
         raise LMStackError(
-            f"{run.name}: training stopped (exit code {code}; {tail[0].strip()}); see "
-            f"{run.stage_dir / 'train.log'}; run the same command again to resume"
+            f"{run.name}: training stopped (exit code {code}){reason}; see {log_path}; run the same "
+            "command again to resume"
         )
     return {**training_figures(run.run_dir), "wall_s_last_session": round(time.perf_counter() - start, 1)}
 
@@ -149,6 +153,7 @@ def training_figures(run_dir: Path) -> dict[str, Any]:
         "val_ppl": val[-1]["val_ppl"] if val else None,
         "tokens_per_s": median("tokens_per_s"),
         "mfu": median("mfu"),
+        "step_cpu_s": median("step_cpu_s"),  # CPU time of a step, all threads: robust to a busy machine
     }
 
 

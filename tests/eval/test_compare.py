@@ -50,7 +50,10 @@ def test_compare_killed_during_training_resumes(config, tmp_path, monkeypatch, c
         compare(config, out)
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert "attention: training stopped (exit code -9" in err[-1] and "run the same command again" in err[-1]
+    assert (
+        "attention: training stopped (exit code -9); see " in err[-1]
+        and "run the same command again" in err[-1]
+    )
     assert not (out / "runs" / "attention" / "compare" / "train.json").exists()
 
     monkeypatch.delenv("LMSTACK_FAULT")
