@@ -79,7 +79,13 @@ def plan_runs(configs: list[str], mixers: list[str] | None, overrides: list[str]
             name = stem if mixer is None else mixer if len(configs) == 1 else f"{stem}-{mixer}"
             extra = [] if mixer is None else [f"model.mixer={mixer}"]
             run_overrides = [*overrides, *extra, f"train.run_dir={out / 'runs' / name}"]
-            runs.append(Run(name, config, run_overrides, load_config(config, run_overrides)))
+            run = Run(name, config, run_overrides, load_config(config, run_overrides))
+            if mixer is not None and run.config.model.layer_mixers:
+                raise LMStackError(
+                    f"{config}: model.layer_mixers names every layer's mixer, so --mixers would not change "
+                    "the model; compare configs instead (lmstack compare a.yaml b.yaml)"
+                )
+            runs.append(run)
     for field_name in SAME_BUDGET:
         values = {run.name: _field(run.config, field_name) for run in runs}
         if len({json.dumps(v, sort_keys=True, default=str) for v in values.values()}) > 1:

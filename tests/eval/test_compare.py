@@ -97,3 +97,7 @@ def test_runs_must_share_data_tokens_and_schedule(config, tmp_path):
     assert runs[1].run_dir == tmp_path / "out" / "runs" / "lightning"
     with pytest.raises(LMStackError, match="--mixers: give two or more"):
         plan_runs([str(config)], None, [], tmp_path / "out")
+    with pytest.raises(LMStackError, match="model.layer_mixers names every layer's mixer"):
+        plan_runs(
+            [str(config)], ["attention", "lightning"], ["model.layer_mixers=[shortconv,attention]"], tmp_path
+        )
