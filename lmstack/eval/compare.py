@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -226,6 +227,32 @@ class CompareSettings:
     mqar_settings: dict[str, Any] | None = None
 
 
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _run_stages(
+    run: Run, label: str, stages: dict[str, Callable], log: Callable[[str], None]
+) -> dict[str, Any]:
+    """The stages of one run, each skipped when its JSON file exists (written atomically when done)."""
+    result: dict[str, Any] = {"name": run.name, "config": run.config_path, "overrides": run.overrides}
+    for stage, fn in stages.items():
+        path = run.stage_dir / f"{stage}.json"
+        if path.is_file():
+            log(f"{label}: {stage}: done before, skipped")
+        else:
+            log(f"{label}: {stage}")
+            start = time.perf_counter()
+            value = fn(run, lambda m: log(f"    {m}"))
+            value["stage_seconds"] = round(time.perf_counter() - start, 1)
+            run.stage_dir.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(value, indent=2, default=str) + "\n")
+            tmp.replace(path)
+        result[stage] = json.loads(path.read_text())
+    return result
+
+
 def run_compare(
     configs: list[str],
     mixers: list[str] | None,
@@ -263,24 +290,15 @@ def run_compare(
         stages["harness"] = lambda r, lg: harness_run(
             r, settings.tasks, settings.harness_batch_size, settings.harness_limit, lg
         )
-    results = []
-    for i, run in enumerate(runs, 1):
-        result: dict[str, Any] = {"name": run.name, "config": run.config_path, "overrides": run.overrides}
-        for stage, fn in stages.items():
-            path = run.stage_dir / f"{stage}.json"
-            if path.is_file():
-                log(f"[{i}/{len(runs)}] {run.name}: {stage}: done before, skipped")
-            else:
-                log(f"[{i}/{len(runs)}] {run.name}: {stage}")
-                start = time.perf_counter()
-                value = fn(run, lambda m: log(f"    {m}"))
-                value["stage_seconds"] = round(time.perf_counter() - start, 1)
-                run.stage_dir.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(".tmp")
-                tmp.write_text(json.dumps(value, indent=2, default=str) + "\n")
-                tmp.replace(path)  # atomic: a stage file is either complete or absent
-            result[stage] = json.loads(path.read_text())
-        results.append(result)
+    # A terminated compare stops its training child too (subprocess.run kills it on the way out),
+    # so that a rerun never trains the same run directory twice at once.
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        results = [
+            _run_stages(run, f"[{i}/{len(runs)}] {run.name}", stages, log) for i, run in enumerate(runs, 1)
+        ]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     report = {
         "command": command,
         "runs": results,
