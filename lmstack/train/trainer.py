@@ -100,7 +100,10 @@ def zero_stage_for(stage: int, bf16: bool) -> int:
     return max(stage, 1) if bf16 else stage
 
 
-def deepspeed_config(cfg: RunConfig, micro_batch: int, grad_accum: int, world: int, bf16: bool) -> dict:
+def deepspeed_config(
+    cfg: RunConfig, micro_batch: int, grad_accum: int, world: int, bf16: bool, load_universal: bool = False
+) -> dict:
+    """DeepSpeed's config; `load_universal`: the resume reads a universal checkpoint (another world size)."""
     t = cfg.train
     stage = zero_stage_for(t.zero_stage, bf16)
     zero: dict[str, Any] = {"stage": stage}
@@ -122,6 +125,8 @@ def deepspeed_config(cfg: RunConfig, micro_batch: int, grad_accum: int, world: i
         # bf16 weights/activations; fp32 master weights (optimizer) and fp32 gradient accumulation.
         ds["bf16"] = {"enabled": True, "check_grad_overflow": True}
         ds["data_types"] = {"grad_accum_dtype": "fp32"}
+    if load_universal:
+        ds["checkpoint"] = {"load_universal": True}
     return ds
 
 
@@ -190,8 +195,13 @@ class Trainer:
 
         import deepspeed
 
+        self.load_dir, universal = None, False
+        if self.resume_tag is not None:
+            self.load_dir, universal = self.checkpointer.prepare_resume(
+                self.resume_dir / self.resume_tag, config, world, self.zero_stage, self.bf16
+            )
         optimizer = build_optimizer(model, t)
-        ds_config = deepspeed_config(config, self.micro_batch, self.grad_accum, world, self.bf16)
+        ds_config = deepspeed_config(config, self.micro_batch, self.grad_accum, world, self.bf16, universal)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=ds_config, dist_init_required=False
         )
@@ -245,7 +255,7 @@ class Trainer:
         )
 
     def _load(self) -> None:
-        state = self.checkpointer.load(self.engine, self.resume_tag, self.resume_dir)
+        state = self.checkpointer.load(self.engine, self.load_dir)
         self.step, self.tokens, self.nan_skips = state["step"], state["tokens"], state["nan_skips"]
         rank, world = self.dist.rank, self.dist.world_size
         if state["world_size"] == world:
