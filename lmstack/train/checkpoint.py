@@ -80,6 +80,48 @@ def saved_layout(tag_dir: Path) -> SavedLayout:
     return SavedLayout(shards=len(ranks), zero3=bool(zero3_models), bf16=any(b for _, b in shards))
 
 
+def _checkpoint_globals() -> list:
+    """The non-tensor types a DeepSpeed checkpoint of lmstack pickles: DeepSpeed's loss scaler, ZeRO
+    stage enum and fragment addresses (optimizer shards), numpy's array pieces (RNG states)."""
+    import numpy as np
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    multiarray = getattr(np, "_core", None) or np.core  # numpy 2 / numpy 1
+    return [LossScaler, ZeroStageEnum, fragment_address, np.ndarray, np.dtype, multiarray.multiarray._reconstruct]
+
+
+def safe_torch_load(path: Path) -> Any:
+    """`torch.load` with `weights_only=True` and only the allow-listed types; anything else (e.g. a
+    pickle that would call os.system) is refused, unexecuted, with a one-line LMStackError."""
+    import torch
+
+    allowed = _checkpoint_globals()
+    with torch.serialization.safe_globals(allowed):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # UnpicklingError (a refused global), or a truncated / foreign file
+            try:
+                names = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))  # a scan, no execution
+            except Exception:
+                names = set()
+            names -= {f"{g.__module__}.{g.__qualname__}" for g in allowed}
+            if names:
+                raise LMStackError(
+                    f"{path}: refusing to load: its pickle calls {', '.join(sorted(names))}, which no lmstack/"
+                    "DeepSpeed checkpoint holds (a tampered or foreign file?)"
+                ) from None
+            raise LMStackError(f"{path}: cannot read the checkpoint file (corrupt or truncated?): {err}") from None
+
+
+def verify_pickles(tag_dir: Path) -> None:
+    """Load every `.pt` file of a checkpoint folder safely before code that loads them unrestricted
+    (DeepSpeed's `load_checkpoint` and `zero_to_fp32` use `weights_only=False`) sees them."""
+    for path in sorted(tag_dir.glob("*.pt")):
+        safe_torch_load(path)
+
+
 def check_same_model(tag_dir: Path, config: Any) -> None:
     """LMStackError naming every `model.*` field in which `config` differs from the checkpoint's."""
     import dataclasses
@@ -255,6 +297,9 @@ class Checkpointer:
         (collective; call before the engine exists). Returns (folder to load, whether it is universal)."""
         layout = saved_layout(tag_dir)
         check_same_model(tag_dir, config)
+        if self.is_main:  # the run directory is shared: one rank reads every file once
+            verify_pickles(tag_dir)
+        distributed.barrier()
         if (layout.shards > 0) != (zero_stage > 0) or layout.zero3 != (zero_stage == 3):
             saved = "0" if not layout.shards else ("3" if layout.zero3 else "1 or 2")
             raise LMStackError(
@@ -281,12 +326,19 @@ class Checkpointer:
                 raise LMStackError(f"--resume: rank 0 could not convert {tag_dir} (see its error)")
         return universal, True
 
-    def load(self, engine: Any, folder: Path) -> dict[str, Any]:
-        """Load engine, optimizer and client state from the checkpoint `folder` (collective). Returns
-        the lmstack client state."""
+    def load(self, engine: Any, folder: Path, universal: bool = False) -> dict[str, Any]:
+        """Load engine, optimizer and client state from the checkpoint `folder` (collective; `universal`:
+        a folder made by `prepare_resume`). Returns the lmstack client state."""
+        # DeepSpeed 0.19.8's ZeRO-3 universal load gives every parameter group the settings of group 0
+        # (so the no-decay group would get weight decay) and empties the groups' parameter lists (so
+        # nothing would be updated): the groups built for this run are put back.
+        zero3 = universal and engine.zero_optimization_stage() == 3
+        groups = [dict(g) for g in engine.optimizer.optimizer.param_groups] if zero3 else []
         path, client_state = engine.load_checkpoint(
             str(folder.parent), tag=folder.name, load_optimizer_states=True, load_lr_scheduler_states=False
         )
+        for group, saved in zip(engine.optimizer.optimizer.param_groups if zero3 else [], groups, strict=True):
+            group.update(saved)
         if path is None or "lmstack" not in (client_state or {}):
             raise LMStackError(f"--resume: cannot load checkpoint {folder}")
         return client_state["lmstack"]
