@@ -89,7 +89,8 @@ def _checkpoint_globals() -> list:
     from deepspeed.utils.tensor_fragment import fragment_address
 
     multiarray = getattr(np, "_core", None) or np.core  # numpy 2 / numpy 1
-    return [LossScaler, ZeroStageEnum, fragment_address, np.ndarray, np.dtype, multiarray.multiarray._reconstruct]
+    numpy_rng = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), multiarray.multiarray._reconstruct]
+    return [LossScaler, ZeroStageEnum, fragment_address, *numpy_rng]
 
 
 def safe_torch_load(path: Path) -> Any:
