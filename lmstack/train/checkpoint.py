@@ -157,6 +157,7 @@ def _to_universal(tag_dir: Path, out: Path) -> None:
     try:
         with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
             ds_to_universal.main(args)
+        (out.parent / "latest_universal").unlink(missing_ok=True)  # we load the folder by name, not by tag
     except Exception as err:
         raise LMStackError(
             f"--resume: cannot convert {tag_dir} to DeepSpeed's universal checkpoint for another number of "
@@ -331,8 +332,9 @@ class Checkpointer:
         """Load engine, optimizer and client state from the checkpoint `folder` (collective; `universal`:
         a folder made by `prepare_resume`). Returns the lmstack client state."""
         # DeepSpeed 0.19.8's ZeRO-3 universal load gives every parameter group the settings of group 0
-        # (so the no-decay group would get weight decay) and empties the groups' parameter lists (so
-        # nothing would be updated): the groups built for this run are put back.
+        # (the no-decay group would get weight decay): the groups built for this run are put back. It
+        # also hands one `step` tensor to every group's state, which Adam then advances once per group
+        # per step (wrong bias correction from the next step on): each state gets its own copy.
         zero3 = universal and engine.zero_optimization_stage() == 3
         groups = [dict(g) for g in engine.optimizer.optimizer.param_groups] if zero3 else []
         path, client_state = engine.load_checkpoint(
@@ -340,6 +342,9 @@ class Checkpointer:
         )
         for group, saved in zip(engine.optimizer.optimizer.param_groups if zero3 else [], groups, strict=True):
             group.update(saved)
+        for state in engine.optimizer.optimizer.state.values() if zero3 else []:
+            if hasattr(state.get("step"), "clone"):
+                state["step"] = state["step"].clone()
         if path is None or "lmstack" not in (client_state or {}):
             raise LMStackError(f"--resume: cannot load checkpoint {folder}")
         return client_state["lmstack"]
