@@ -45,6 +45,7 @@ from lmstack.train import distributed
 TAG_RE = re.compile(r"^step_(\d+)$")
 TMP_PREFIX = ".tmp-"
 MODEL_STATES = "mp_rank_00_model_states.pt"
+CONVERTED = "lmstack-universal-done"
 # ZeRO 1-3 optimizer shards, one per data-parallel rank (bf16_ prefix: DeepSpeed's bf16 optimizer).
 OPTIM_SHARD_RE = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
 ZERO3_MODEL_RE = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_00_model_states\.pt$")
@@ -158,6 +159,7 @@ def _to_universal(tag_dir: Path, out: Path) -> None:
         with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
             ds_to_universal.main(args)
         (out.parent / "latest_universal").unlink(missing_ok=True)  # we load the folder by name, not by tag
+        (out / CONVERTED).write_text(str(tag_dir))  # tells the other ranks the conversion finished
     except Exception as err:
         raise LMStackError(
             f"--resume: cannot convert {tag_dir} to DeepSpeed's universal checkpoint for another number of "
@@ -324,7 +326,7 @@ class Checkpointer:
                 distributed.barrier()  # the other ranks wait for the conversion (or its failure)
         else:
             distributed.barrier()
-            if not (universal / MODEL_STATES).is_file():
+            if not (universal / CONVERTED).is_file():
                 raise LMStackError(f"--resume: rank 0 could not convert {tag_dir} (see its error)")
         return universal, True
 
