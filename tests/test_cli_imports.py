@@ -12,7 +12,16 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-HEAVY = ["deepspeed", "transformers", "datasets", "lm_eval", "matplotlib", "accelerate", "tensorboard", "triton"]
+HEAVY = [
+    "deepspeed",
+    "transformers",
+    "datasets",
+    "lm_eval",
+    "matplotlib",
+    "accelerate",
+    "tensorboard",
+    "triton",
+]
 
 PROBE = """
 import json, sys

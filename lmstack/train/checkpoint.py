@@ -105,7 +105,9 @@ def safe_torch_load(path: Path) -> Any:
             return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # UnpicklingError (a refused global), or a truncated / foreign file
             try:
-                names = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))  # a scan, no execution
+                names = set(
+                    torch.serialization.get_unsafe_globals_in_checkpoint(path)
+                )  # a scan, no execution
             except Exception:
                 names = set()
             names -= {f"{g.__module__}.{g.__qualname__}" for g in allowed}
@@ -114,7 +116,9 @@ def safe_torch_load(path: Path) -> Any:
                     f"{path}: refusing to load: its pickle calls {', '.join(sorted(names))}, which no lmstack/"
                     "DeepSpeed checkpoint holds (a tampered or foreign file?)"
                 ) from None
-            raise LMStackError(f"{path}: cannot read the checkpoint file (corrupt or truncated?): {err}") from None
+            raise LMStackError(
+                f"{path}: cannot read the checkpoint file (corrupt or truncated?): {err}"
+            ) from None
 
 
 def verify_pickles(tag_dir: Path) -> None:
@@ -132,7 +136,9 @@ def check_same_model(tag_dir: Path, config: Any) -> None:
 
     saved = (yaml.safe_load((tag_dir / "config.yaml").read_text()) or {}).get("model", {})
     now = dataclasses.asdict(config.model)
-    diff = [f"model.{k}={now.get(k)!r} (checkpoint: {saved.get(k)!r})" for k in now if saved.get(k) != now.get(k)]
+    diff = [
+        f"model.{k}={now.get(k)!r} (checkpoint: {saved.get(k)!r})" for k in now if saved.get(k) != now.get(k)
+    ]
     if diff:
         raise LMStackError(
             f"--resume: the configured model differs from checkpoint {tag_dir}: {', '.join(diff)}; resume "
@@ -342,7 +348,9 @@ class Checkpointer:
         path, client_state = engine.load_checkpoint(
             str(folder.parent), tag=folder.name, load_optimizer_states=True, load_lr_scheduler_states=False
         )
-        for group, saved in zip(engine.optimizer.optimizer.param_groups if zero3 else [], groups, strict=True):
+        for group, saved in zip(
+            engine.optimizer.optimizer.param_groups if zero3 else [], groups, strict=True
+        ):
             group.update(saved)
         for state in engine.optimizer.optimizer.state.values() if zero3 else []:
             if hasattr(state.get("step"), "clone"):

@@ -201,7 +201,9 @@ class Trainer:
                 self.resume_dir / self.resume_tag, config, world, self.zero_stage, self.bf16
             )
         optimizer = build_optimizer(model, t)
-        ds_config = deepspeed_config(config, self.micro_batch, self.grad_accum, world, self.bf16, self.universal)
+        ds_config = deepspeed_config(
+            config, self.micro_batch, self.grad_accum, world, self.bf16, self.universal
+        )
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=ds_config, dist_init_required=False
         )
@@ -298,7 +300,9 @@ class Trainer:
 
     def _own_grad_norm(self) -> float:
         """Norm of the (all-reduced) gradients without ZeRO, where DeepSpeed reports none."""
-        norms = [p.grad.detach().float().norm() for p in self.engine.module.parameters() if p.grad is not None]
+        norms = [
+            p.grad.detach().float().norm() for p in self.engine.module.parameters() if p.grad is not None
+        ]
         return torch.stack(norms).norm().item() if norms else 0.0
 
     def train_step(self) -> dict[str, Any]:
@@ -398,7 +402,9 @@ class Trainer:
     def _on_skip(self, m: dict[str, Any], logger: RunLogger, bar: Any) -> None:
         """Log a skipped step (a `skip` record keyed by iteration); too many in a row stop the run."""
         t = self.config.train
-        logger.log("skip", self.iteration, {"step": self.step, "grad_norm": m["grad_norm"], "loss": m["loss"]})
+        logger.log(
+            "skip", self.iteration, {"step": self.step, "grad_norm": m["grad_norm"], "loss": m["loss"]}
+        )
         if self.dist.is_main:
             bar.write(
                 f"iteration {self.iteration} (step {self.step + 1}): gradient norm {m['grad_norm']}, step "

@@ -54,7 +54,9 @@ def test_a_changed_byte_is_named(copy, capsys):
     with pytest.raises(LMStackError, match=rf"{info.bin_file}: corrupted shard"):
         for _ in range(10_000):
             batch = next(reader)
-            assert not set(batch.sample_ids.tolist()) & _samples_in(reader, 1), "a bad shard's tokens were used"
+            assert not set(batch.sample_ids.tolist()) & _samples_in(reader, 1), (
+                "a bad shard's tokens were used"
+            )
 
 
 def _samples_in(reader, shard):

@@ -44,7 +44,9 @@ def test_non_finite_gradients_leave_the_optimizer_state_untouched(tiny_data, tmp
         assert probe["step_after_skip"] == 2, where  # the step count did not move
         # the LR schedule did not move: the step after the skip uses the skipped step's LR (warm-up)
         assert probe["lr_after_skip"] == probe["lr_before_skip"] == lr_at(2, cfg, cfg.max_steps), where
-        assert not probe["next_skipped"] and probe["changed_by_next"] > 0, f"{where}: no update after the skip"
+        assert not probe["next_skipped"] and probe["changed_by_next"] > 0, (
+            f"{where}: no update after the skip"
+        )
         assert probe["final_finite"], where
 
 
