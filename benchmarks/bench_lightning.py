@@ -170,35 +170,49 @@ def peak_mib(device: torch.device, fn: Callable[[], object], inputs: list[torch.
     return mode.peak / 2**20
 
 
+def measure(
+    fn: Callable[[], torch.Tensor],
+    params: list[torch.Tensor],
+    do: torch.Tensor,
+    tokens: int,
+    device,
+    warmup,
+    reps,
+    stat,
+) -> dict:
+    """Forward (no grad), backward and forward+backward times of `fn() -> o` and their peak memory;
+    `params` are the leaves that take gradients, `do` the gradient of o, `tokens` the tokens per call."""
+
+    def forward(_=None):
+        with torch.no_grad():
+            return fn()
+
+    def fwd_bwd(_=None):
+        for x in params:
+            x.grad = None
+        fn().backward(do)
+
+    def make_graph():
+        for x in params:
+            x.grad = None
+        return fn()
+
+    row = {"fwd_ms": timer(device, forward, None, warmup, reps, stat)}
+    row["bwd_ms"] = timer(device, lambda o: o.backward(do), make_graph, warmup, reps, stat)
+    row["fwdbwd_ms"] = timer(device, fwd_bwd, None, warmup, reps, stat)
+    row["fwd_peak_mib"] = peak_mib(device, forward, [*params, do])
+    row["fwdbwd_peak_mib"] = peak_mib(device, fwd_bwd, [*params, do])
+    row["fwd_tokens_per_s"] = tokens / (row["fwd_ms"] / 1e3)
+    row["fwdbwd_tokens_per_s"] = tokens / (row["fwdbwd_ms"] / 1e3)
+    return row
+
+
 def bench_one(name, fn, device, B, T, H, D, dtype, warmup, reps, stat) -> dict:
     g = torch.Generator(device="cpu").manual_seed(0)
     mk = lambda: (torch.randn(B, T, H, D, generator=g) * 0.5).to(device=device, dtype=dtype)
     q, k, v = (mk().requires_grad_() for _ in range(3))
-    do = mk()
-    inputs = [q, k, v, do]
-
-    def forward(_=None):
-        with torch.no_grad():
-            return fn(q, k, v)
-
-    def fwd_bwd(_=None):
-        for x in (q, k, v):
-            x.grad = None
-        fn(q, k, v).backward(do)
-
-    def make_graph():
-        for x in (q, k, v):
-            x.grad = None
-        return fn(q, k, v)
-
     row = {"method": name, "B": B, "T": T}
-    row["fwd_ms"] = timer(device, forward, None, warmup, reps, stat)
-    row["bwd_ms"] = timer(device, lambda o: o.backward(do), make_graph, warmup, reps, stat)
-    row["fwdbwd_ms"] = timer(device, fwd_bwd, None, warmup, reps, stat)
-    row["fwd_peak_mib"] = peak_mib(device, forward, inputs)
-    row["fwdbwd_peak_mib"] = peak_mib(device, fwd_bwd, inputs)
-    row["fwd_tokens_per_s"] = B * T / (row["fwd_ms"] / 1e3)
-    row["fwdbwd_tokens_per_s"] = B * T / (row["fwdbwd_ms"] / 1e3)
+    row.update(measure(lambda: fn(q, k, v), [q, k, v], mk(), B * T, device, warmup, reps, stat))
     return row
 
 

@@ -5,6 +5,8 @@ tests, alone or under torchrun."""
 import json
 import sys
 
+from aux_probe import register_probe
+
 from lmstack.config import load_config
 from lmstack.data.reader import IGNORE_INDEX
 from lmstack.train import distributed, train
@@ -41,6 +43,7 @@ def masked_labels_source(config, rank, world, micro_batch):
 SOURCES = {None: prepared_source, "masked_labels": masked_labels_source}
 
 if __name__ == "__main__":
+    register_probe()  # the test-only `probe` mixer (aux losses), available to every run
     runs = json.loads(sys.argv[1])
     info = distributed.init_distributed(timeout_s=60)
     try:
