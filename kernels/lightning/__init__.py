@@ -7,10 +7,9 @@ Public API: `lightning_attn` only. Files: `naive.py` (the ground-truth recurrenc
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
+from lmstack_kernels.common.compiler import disable_compile
 from lmstack_kernels.lightning.chunk import chunk_lightning_attn
 
 __all__ = ["lightning_attn"]
@@ -106,19 +105,8 @@ def _use_triton(q: torch.Tensor, backend: str) -> bool:
     return triton_kernels.HAS_TRITON and q.is_cuda and not interp
 
 
-def _triton_path(*args):
-    """The Triton launch, kept out of torch.compile's tracing (a graph break). torch.compiler.disable
-    is applied on first use: as a decorator it would import torch._dynamo, and with it triton, at
-    import time, seconds that every `lmstack` command would pay."""
-    return _compiler_disabled(_run_triton)(*args)
-
-
-@functools.cache
-def _compiler_disabled(fn):
-    return torch.compiler.disable(fn)
-
-
-def _run_triton(q, k, v, decay, scale, initial_state, output_final_state, cu_seqlens, chunk_size):
+@disable_compile  # the Triton launch graph-breaks under torch.compile
+def _triton_path(q, k, v, decay, scale, initial_state, output_final_state, cu_seqlens, chunk_size):
     from lmstack_kernels.lightning.triton_kernels import LightningAttnFunction
 
     B, T, H, K = q.shape
