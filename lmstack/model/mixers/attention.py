@@ -24,6 +24,7 @@ from lmstack.model.config import ModelConfig
 from lmstack.model.mixers import register
 from lmstack.model.mixers.base import BatchContext, MixerOutput, TokenMixer
 from lmstack.model.rotary import apply_rotary, rotary_cos_sin
+from lmstack_kernels.common.compiler import disable_compile
 
 
 @dataclass
@@ -77,7 +78,7 @@ def document_block_mask(context: BatchContext):
 _compiled_flex = None
 
 
-@torch.compiler.disable
+@disable_compile
 def flex_attention(q, k, v, block_mask, enable_gqa: bool) -> torch.Tensor:
     """q: [B, H, T, Dh]; k, v: [B, H_kv, T, Dh]. Compiled once on CUDA (eager flex is a slow reference)."""
     global _compiled_flex
