@@ -84,12 +84,16 @@ class MixtureOfHeadAttention(Attention):
     def validate_config(cls, config: ModelConfig, options: MoHOptions, prefix: str = "model.") -> None:
         H = config.n_heads
         shared, routed, top_k = head_split(config, options)
+        # Name the entry the options came from: the first layer with these options.
+        layer = next((i for i in range(config.n_layers) if config.layer_options(i) == options), None)
+        entry = (
+            f"layer_mixers[{layer}]." if config.layer_mixers and layer is not None else "mixer_options.moh."
+        )
+        where = prefix + entry
         if not 1 <= shared <= H - 1:
-            raise ConfigError(
-                f"{prefix}shared_heads: expected 1 .. n_heads - 1 = {H - 1} (n_heads = {H}), got {shared}"
-            )
+            raise ConfigError(f"{where}shared_heads: expected 1 .. n_heads - 1 = {H - 1}, got {shared}")
         if not 1 <= top_k <= routed:
-            raise ConfigError(f"{prefix}top_k: expected 1 .. {routed} (the routed heads), got {top_k}")
+            raise ConfigError(f"{where}top_k: expected 1 .. {routed} (the routed heads), got {top_k}")
 
     def __init__(self, config: ModelConfig, layer_idx: int, options: MoHOptions) -> None:
         super().__init__(config, layer_idx, options)
