@@ -125,7 +125,15 @@ class Attention(TokenMixer):
         use_cache: bool = False,
     ) -> MixerOutput:
         heads, new_state = self._heads(x, context, state, use_cache)
-        return MixerOutput(self.o_proj(heads.flatten(2)), new_state)
+        y, aux = self._combine_heads(heads, x)
+        return MixerOutput(y, new_state, aux)
+
+    def _combine_heads(
+        self, heads: torch.Tensor, x: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """heads: [B, T, H, Dh], x: [B, T, D] (the mixer's input) -> (y [B, T, D], aux): o_proj of the
+        concatenated heads, no aux."""
+        return self.o_proj(heads.flatten(2)), {}
 
     def _heads(
         self, x: torch.Tensor, context: BatchContext, state: KVState | None, use_cache: bool

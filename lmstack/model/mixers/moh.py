@@ -45,8 +45,7 @@ from torch import nn
 from lmstack.errors import ConfigError
 from lmstack.model.config import ModelConfig
 from lmstack.model.mixers import register
-from lmstack.model.mixers.attention import Attention, AttentionOptions, KVState
-from lmstack.model.mixers.base import BatchContext, MixerOutput
+from lmstack.model.mixers.attention import Attention, AttentionOptions
 
 
 @dataclass
@@ -112,14 +111,10 @@ class MixtureOfHeadAttention(Attention):
         weights = torch.cat([alpha[..., :1] * shared.softmax(-1), alpha[..., 1:] * probs * picked], dim=-1)
         return HeadRouting(weights, probs, picked)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        context: BatchContext,
-        state: KVState | None = None,
-        use_cache: bool = False,
-    ) -> MixerOutput:
-        heads, new_state = self._heads(x, context, state, use_cache)
+    def _combine_heads(
+        self, heads: torch.Tensor, x: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Heads weighted by g, then o_proj; aux: the balance loss and the two statistics."""
         routing = self.route(x)
         y = self.o_proj((heads * routing.weights.to(heads.dtype)[..., None]).flatten(2))
         load = routing.picked.flatten(0, 1).float().mean(0)  # f_i
@@ -129,7 +124,7 @@ class MixtureOfHeadAttention(Attention):
                 "moh_max_load": load.max() * self.routed / self.top_k,
             }
         balance = (load * routing.probs.flatten(0, 1).mean(0)).sum()
-        return MixerOutput(y, new_state, {"moh_balance": balance, **aux_stats})
+        return y, {"moh_balance": balance, **aux_stats}
 
     def flops_per_token(self, seq_len: int) -> float:
         """`attention`'s count for every head (all are computed) plus the router's matrix."""
