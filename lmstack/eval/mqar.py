@@ -9,7 +9,9 @@ positions (labels are -100 elsewhere); the unused positions hold random tokens.
 
 The model is Zoology's 2-layer probe: a short causal convolution (`shortconv`), then the mixer
 under test, each followed by the MLP of `lmstack.model.LM`. The sweep trains one model per mixer x
-d_model x learning rate and keeps the best learning rate, as Zoology does.
+d_model x learning rate, as Zoology does, with three splits: training, validation (early stopping,
+the choice of learning rate) and test (read once per run, with the best-validation weights, for the
+reported accuracy); further seeds rerun the chosen rate.
 """
 
 from __future__ import annotations
