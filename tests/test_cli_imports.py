@@ -56,11 +56,6 @@ def test_light_commands_import_no_heavy_library(argv, code):
     assert imported == [], f"lmstack {' '.join(argv)} imported {imported}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="lmstack/model/mixers/attention.py decorates flex_attention with @torch.compiler.disable at "
-    "import; with lmstack_kernels.common.compiler.disable_compile there this passes (remove the mark)",
-)
 def test_the_model_imports_without_the_compiler_stack():
     imported = _imported(["show-config", "configs/tiny.yaml"], 0, COMPILER)
     assert imported == [], f"lmstack show-config imported {imported}"
