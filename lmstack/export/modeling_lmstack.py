@@ -123,7 +123,8 @@ class LMStackCache(Cache):
         self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._map(lambda t: t[indices])
+        # `LMCache.pads` lives on the host while the states are on the model's device.
+        self._map(lambda t: t[torch.as_tensor(indices, device=t.device)])
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         self._map(lambda t: t.repeat_interleave(repeats, dim=0))

@@ -185,3 +185,18 @@ def test_register_auto_classes_is_idempotent() -> None:
     config = AutoConfig.for_model("lmstack", vocab_size=V, d_model=64, n_heads=4, n_layers=1)
     assert isinstance(config, LMStackConfig)
     assert isinstance(AutoModelForCausalLM.from_config(config), LMStackForCausalLM)
+
+
+def test_cache_row_selection_moves_the_pad_counts_with_the_states() -> None:
+    from lmstack.model.lm import LMCache
+
+    cache = LMStackCache(LMCache([torch.arange(6.0).view(3, 2)], 5, torch.tensor([0, 2, 1])))
+    cache.batch_select_indices(torch.tensor([2, 0]))
+    assert cache.lm_cache.states[0].tolist() == [[4.0, 5.0], [0.0, 1.0]] and cache.lm_cache.pads.tolist() == [
+        1,
+        0,
+    ]
+    cache.reorder_cache(torch.tensor([1, 0]))
+    assert cache.lm_cache.pads.tolist() == [0, 1] and cache.lm_cache.seen_tokens == 5
+    cache.batch_repeat_interleave(2)
+    assert cache.lm_cache.pads.tolist() == [0, 0, 1, 1] and cache.batch_size == 4
