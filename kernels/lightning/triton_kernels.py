@@ -21,33 +21,15 @@ False and only the PyTorch paths of the package are usable.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-try:
+from lmstack_kernels.common.triton_utils import HAS_TRITON, interpreting, launch_opts, state_tiles
+
+if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    HAS_TRITON = True
-except ImportError:  # exported models load where only torch is installed
-    triton = None
-    tl = None
-    HAS_TRITON = False
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-if HAS_TRITON:
-
-    @triton.jit
-    def _load(ptr, mask, LOWP: tl.constexpr):
-        x = tl.load(ptr, mask=mask, other=0.0)
-        if not LOWP:
-            x = x.to(tl.float32)
-        return x
+    from lmstack_kernels.common.triton_utils import load_tile as _load
 
     @triton.jit
     def _decays(b_g, o_t, n, BT: tl.constexpr):
@@ -237,24 +219,6 @@ if HAS_TRITON:
             )
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
-
-
-def _tiles(full: int, other: int) -> tuple[int, int]:
-    """(padded full dim, tile of the other dim) of a kernel's state block [full, tile]: the tile is
-    64 for full ≤ 64 and 32 above, which kept register spills small in sm_90 compiles with
-    triton 3.9 (ptxas -v; e.g. K = V = 64: no spills). Not yet tuned on a GPU."""
-    f = max(16, _pow2(full))
-    return f, max(16, min(64, _pow2(other), max(32, 4096 // f)))
-
-
-def _launch_opts(f: int) -> dict:
-    if interpreting():
-        return {}
-    return {"num_warps": 8 if f >= 32 else 4}
-
-
 def lightning_fwd(q, k, v, g, scale, h0, cu, output_final_state, BT):
     """q, k: [1, TT, H, K]; v: [1, TT, H, V] contiguous; g: [H] fp32; h0: [N, H, K, V] fp32 or None;
     cu: [N+1] int32 on q's device. Returns (o like v, final state fp32 or None)."""
@@ -264,10 +228,10 @@ def lightning_fwd(q, k, v, g, scale, h0, cu, output_final_state, BT):
     lowp = q.dtype != torch.float32 and not interpreting()
     o = torch.empty_like(v)
     ht = q.new_empty(N, H, K, V, dtype=torch.float32) if output_final_state else None
-    BK, BV = _tiles(K, V)
+    BK, BV = state_tiles(K, V)
     _fwd_kernel[(N * H, triton.cdiv(V, BV))](
         q, k, v, g, h0, o, ht, cu, scale, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
-        USE_H0=h0 is not None, STORE_HT=output_final_state, LOWP=lowp, **_launch_opts(BK),
+        USE_H0=h0 is not None, STORE_HT=output_final_state, LOWP=lowp, **launch_opts(BK),
     )  # fmt: skip
     return o, ht
 
@@ -281,19 +245,19 @@ def lightning_bwd(q, k, v, g, scale, h0, cu, do, dht, need_dh0, BT):
     do = do.contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dh0 = q.new_empty(N, H, K, V, dtype=torch.float32) if need_dh0 else None
-    BVf, BKt = _tiles(V, K)
+    BVf, BKt = state_tiles(V, K)
     _bwd_dq_kernel[(N * H, triton.cdiv(K, BKt))](
         k, v, g, h0, do, dq, cu, scale, H=H, K=K, V=V, BT=BT, BK=BKt, BV=BVf,
-        USE_H0=h0 is not None, LOWP=lowp, **_launch_opts(BVf),
+        USE_H0=h0 is not None, LOWP=lowp, **launch_opts(BVf),
     )  # fmt: skip
     _bwd_dk_kernel[(N * H, triton.cdiv(K, BKt))](
         q, v, g, dht, do, dk, dh0, cu, scale, H=H, K=K, V=V, BT=BT, BK=BKt, BV=BVf,
-        USE_DHT=dht is not None, STORE_DH0=need_dh0, LOWP=lowp, **_launch_opts(BVf),
+        USE_DHT=dht is not None, STORE_DH0=need_dh0, LOWP=lowp, **launch_opts(BVf),
     )  # fmt: skip
-    BKf, BVt = _tiles(K, V)
+    BKf, BVt = state_tiles(K, V)
     _bwd_dv_kernel[(N * H, triton.cdiv(V, BVt))](
         q, k, g, dht, do, dv, cu, scale, H=H, K=K, V=V, BT=BT, BK=BKf, BV=BVt,
-        USE_DHT=dht is not None, LOWP=lowp, **_launch_opts(BKf),
+        USE_DHT=dht is not None, LOWP=lowp, **launch_opts(BKf),
     )  # fmt: skip
     return dq, dk, dv, dh0
 
