@@ -38,6 +38,29 @@ if HAS_TRITON:
             x = x.to(tl.float32)
         return x
 
+    @triton.jit
+    def program_sequence(cu, H: tl.constexpr):
+        """This program's (sequence, head) pair, program_id(0) = n·H + h: returns (n·H + h, h, the
+        sequence's first token in the flattened batch, its length), from `cu_seqlens`."""
+        i_nh = tl.program_id(0)
+        i_n = i_nh // H
+        bos = tl.load(cu + i_n).to(tl.int64)
+        return i_nh, i_nh % H, bos, tl.load(cu + i_n + 1).to(tl.int64) - bos
+
+    @triton.jit
+    def state_tile(i_nh, o_k, o_v, K: tl.constexpr, V: tl.constexpr):
+        """Offsets and mask of rows o_k, columns o_v of state i_nh in an [N·H, K, V] tensor."""
+        p = i_nh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :]
+        return p, (o_k < K)[:, None] & (o_v < V)[None, :]
+
+    @triton.jit
+    def load_state(ptr, p, m, USE: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+        """The [BK, BV] fp32 state tile at ptr + p, or zeros unless USE (then ptr may be None)."""
+        b = tl.zeros([BK, BV], dtype=tl.float32)
+        if USE:
+            b += tl.load(ptr + p, mask=m, other=0.0).to(tl.float32)
+        return b
+
 
 def pow2(n: int) -> int:
     """The smallest power of two ≥ n (1 for n ≤ 1)."""

@@ -4,46 +4,44 @@ Chunks of C tokens (C a power of two). Across chunks, the state S [K, V] carries
 (`lmstack_kernels.common.chunked.scan_states`); inside a chunk the causal token pairs (i > j) are
 split by a binary tree of halves, and each pair is computed, as a matrix multiply, at the node where
 i and j fall in different halves, with every gate sum measured from the split point so no exp
-argument is positive (MATH.md, "Inside a chunk"). Computes in fp32 whatever the input dtype; o comes
+argument is positive (MATH.md, "Chunked PyTorch path"). Computes in fp32 whatever the input dtype; o comes
 back in the input dtype, the final state in fp32.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from lmstack_kernels.common.chunked import from_chunks, scan_states, to_chunks
-
-
-def _to_end(g: torch.Tensor) -> torch.Tensor:
-    """Σ_{l>j} g_l over the rest of the block (dim -2), for each row j: a reverse cumsum shifted by one,
-    summed from the block end so that its rounding error scales with its own size."""
-    rev = g.flip(-2).cumsum(-2).flip(-2)
-    return F.pad(rev[..., 1:, :], (0, 0, 0, 1))
 
 
 def _chunk_terms(qb, kb, vb, gb):
     """Per chunk, from qb (already scaled), kb, gb [B, H, n, C, K] and vb [B, H, n, C, V] (fp32,
     contiguous): the intra-chunk output [B, H, n, C, V], q ⊙ exp(G) [B, H, n, C, K] (to be multiplied
     by the state entering the chunk), the chunk's state increment U [n, B, H, K, V] and its decay
-    exp(Σ g) [n, B, H, K]."""
+    exp(Σ g) [n, B, H, K].
+
+    Every gate sum is a difference of one fp64 prefix sum G per chunk, taken between two points with
+    the later one first (so ≤ 0), and rounded to fp32 only then: exact to fp32 whatever the size of G.
+    """
     B, H, n, C, K = qb.shape
-    G = gb.cumsum(-2)  # Σ_{l≤i} g_l from the chunk start
-    q_in = qb * G.exp()
-    U = torch.einsum("bhnjk,bhnjv->nbhkv", kb * _to_end(gb).exp(), vb)
-    decay = G[..., -1, :].exp().permute(2, 0, 1, 3)
+    G = gb.double().cumsum(-2)  # Σ_{l≤i} g_l from the chunk start
+    G_end = G[..., -1:, :]
+    q_in = qb * G.float().exp()
+    U = torch.einsum("bhnjk,bhnjv->nbhkv", kb * (G_end - G).float().exp(), vb)
+    decay = G_end.squeeze(-2).float().exp().permute(2, 0, 1, 3)
     o = ((qb * kb).sum(-1, keepdim=True) * vb).contiguous()  # pairs i = j: weight exp(0) = 1
     s = C
     while s >= 2:  # nodes of size s: queries in the upper half, keys in the lower half
-        h = s // 2
-        halves = lambda x: x.view(B, H, n, C // s, 2, h, x.shape[-1])
-        q2, k2, v2, g2 = halves(qb), halves(kb), halves(vb), halves(gb)
-        q_up = q2[..., 1, :, :] * g2[..., 1, :, :].cumsum(-2).exp()  # Σ g from the split to i
-        k_lo = k2[..., 0, :, :] * _to_end(g2[..., 0, :, :]).exp()  # Σ g from j to the split
-        scores = q_up @ k_lo.transpose(-1, -2)  # [B, H, n, C/s, h, h]
-        halves(o)[..., 1, :, :] += scores @ v2[..., 0, :, :]
-        s = h
+        shape = (B, H, n, C // s, 2, s // 2)
+        _, q_up = qb.view(*shape, K).unbind(-3)
+        k_lo, _ = kb.view(*shape, K).unbind(-3)
+        v_lo, _ = vb.view(*shape, vb.shape[-1]).unbind(-3)
+        G_lo, G_up = G.view(*shape, K).unbind(-3)
+        split = G_lo[..., -1:, :]  # G at the last row of the lower half: between every j and i
+        scores = (q_up * (G_up - split).float().exp()) @ (k_lo * (split - G_lo).float().exp()).mT
+        o.view(*shape, vb.shape[-1])[..., 1, :, :] += scores @ v_lo
+        s //= 2
     return o, q_in, U, decay
 
 
@@ -61,7 +59,9 @@ def chunk_gla_dense(q, k, v, g, scale, initial_state, chunk_size=64):
         return v.new_zeros(v.shape), S0
     C = min(chunk_size, 1 << (T - 1).bit_length())
     n = -(-T // C)
-    o, q_in, U, decay = _chunk_terms(_chunked(q, n, C) * scale, _chunked(k, n, C), _chunked(v, n, C), _chunked(g, n, C))
+    o, q_in, U, decay = _chunk_terms(
+        _chunked(q, n, C) * scale, _chunked(k, n, C), _chunked(v, n, C), _chunked(g, n, C)
+    )
     states = scan_states(U, decay, S0)  # [n + 1, B, H, K, V]
     o = o + q_in @ states[:-1].permute(1, 2, 0, 3, 4)
     return from_chunks(o, T).to(q.dtype), states[-1]

@@ -48,9 +48,7 @@ def chunk_lightning_attn_dense(
     S0 = q.new_zeros(B, H, K, V, dtype=torch.float32) if initial_state is None else initial_state.float()
     states = scan_states(U, block_decay.T[:, None, :, None], S0)  # [nb + 1, B, H, K, V]
     q_decay = torch.exp(g[:, None] * (i + 1))  # [H, C]: decay of the state entering the block
-    o = o + torch.einsum(
-        "bhnik,nbhkv->bhniv", qb * (scale * q_decay[None, :, None, :, None]), states[:-1]
-    )
+    o = o + torch.einsum("bhnik,nbhkv->bhniv", qb * (scale * q_decay[None, :, None, :, None]), states[:-1])
     o, S = from_chunks(o, T), states[-1]
     return o.to(q.dtype), S
 

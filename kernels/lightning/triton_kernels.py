@@ -29,6 +29,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from lmstack_kernels.common.triton_utils import load_state, program_sequence, state_tile
     from lmstack_kernels.common.triton_utils import load_tile as _load
 
     @triton.jit
@@ -50,20 +51,15 @@ if HAS_TRITON:
         BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
         USE_H0: tl.constexpr, STORE_HT: tl.constexpr, LOWP: tl.constexpr,
     ):  # fmt: skip
-        i_nh, i_v = tl.program_id(0), tl.program_id(1)
-        i_n, i_h = i_nh // H, i_nh % H
-        bos = tl.load(cu + i_n).to(tl.int64)
-        L = tl.load(cu + i_n + 1).to(tl.int64) - bos
+        i_nh, i_h, bos, L = program_sequence(cu, H)
+        i_v = tl.program_id(1)
         b_g = tl.load(g + i_h).to(tl.float32)
         o_t = tl.arange(0, BT)
         o_k = tl.arange(0, BK)
         o_v = i_v * BV + tl.arange(0, BV)
         m_k, m_v = o_k < K, o_v < V
-        m_kv = m_k[:, None] & m_v[None, :]
-        p_h = i_nh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :]
-        b_h = tl.zeros([BK, BV], dtype=tl.float32)
-        if USE_H0:
-            b_h += tl.load(h0 + p_h, mask=m_kv, other=0.0).to(tl.float32)
+        p_h, m_kv = state_tile(i_nh, o_k, o_v, K, V)
+        b_h = load_state(h0, p_h, m_kv, USE_H0, BK, BV)
         for start in range(0, L, BT):
             n = tl.minimum(L - start, BT)
             m_t = o_t < n
@@ -94,19 +90,15 @@ if HAS_TRITON:
         USE_H0: tl.constexpr, LOWP: tl.constexpr,
     ):  # fmt: skip
         # dq_i = scale * [ Σ_{j≤i in block} λ^(i-j) (do_i·v_j) k_j + λ^(i+1) S_prev do_i ]
-        i_nh, i_k = tl.program_id(0), tl.program_id(1)
-        i_n, i_h = i_nh // H, i_nh % H
-        bos = tl.load(cu + i_n).to(tl.int64)
-        L = tl.load(cu + i_n + 1).to(tl.int64) - bos
+        i_nh, i_h, bos, L = program_sequence(cu, H)
+        i_k = tl.program_id(1)
         b_g = tl.load(g + i_h).to(tl.float32)
         o_t = tl.arange(0, BT)
         o_k = i_k * BK + tl.arange(0, BK)
         o_v = tl.arange(0, BV)
         m_k, m_v = o_k < K, o_v < V
-        b_h = tl.zeros([BK, BV], dtype=tl.float32)
-        if USE_H0:
-            p_h = i_nh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :]
-            b_h += tl.load(h0 + p_h, mask=m_k[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+        p_h, m_kv = state_tile(i_nh, o_k, o_v, K, V)
+        b_h = load_state(h0, p_h, m_kv, USE_H0, BK, BV)
         for start in range(0, L, BT):
             n = tl.minimum(L - start, BT)
             m_t = o_t < n
@@ -137,20 +129,15 @@ if HAS_TRITON:
         # dk_j = scale * Σ_{i≥j in block} λ^(i-j) (do_i·v_j) q_i + λ^(n-1-j) dS v_j, where the carry
         # dS is the gradient of the state at the block end; it moves back as
         # dS <- λ^n dS + scale * Σ_i λ^(i+1) q_i do_iᵀ.
-        i_nh, i_k = tl.program_id(0), tl.program_id(1)
-        i_n, i_h = i_nh // H, i_nh % H
-        bos = tl.load(cu + i_n).to(tl.int64)
-        L = tl.load(cu + i_n + 1).to(tl.int64) - bos
+        i_nh, i_h, bos, L = program_sequence(cu, H)
+        i_k = tl.program_id(1)
         b_g = tl.load(g + i_h).to(tl.float32)
         o_t = tl.arange(0, BT)
         o_k = i_k * BK + tl.arange(0, BK)
         o_v = tl.arange(0, BV)
         m_k, m_v = o_k < K, o_v < V
-        m_kv = m_k[:, None] & m_v[None, :]
-        p_h = i_nh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :]
-        b_dh = tl.zeros([BK, BV], dtype=tl.float32)
-        if USE_DHT:
-            b_dh += tl.load(dht + p_h, mask=m_kv, other=0.0).to(tl.float32)
+        p_h, m_kv = state_tile(i_nh, o_k, o_v, K, V)
+        b_dh = load_state(dht, p_h, m_kv, USE_DHT, BK, BV)
         nb = tl.cdiv(L, BT)
         for ib in range(0, nb):
             start = (nb - 1 - ib) * BT
@@ -183,19 +170,15 @@ if HAS_TRITON:
         USE_DHT: tl.constexpr, LOWP: tl.constexpr,
     ):  # fmt: skip
         # dv_j = scale * Σ_{i≥j in block} λ^(i-j) (q_i·k_j) do_i + λ^(n-1-j) dSᵀ k_j
-        i_nh, i_v = tl.program_id(0), tl.program_id(1)
-        i_n, i_h = i_nh // H, i_nh % H
-        bos = tl.load(cu + i_n).to(tl.int64)
-        L = tl.load(cu + i_n + 1).to(tl.int64) - bos
+        i_nh, i_h, bos, L = program_sequence(cu, H)
+        i_v = tl.program_id(1)
         b_g = tl.load(g + i_h).to(tl.float32)
         o_t = tl.arange(0, BT)
         o_k = tl.arange(0, BK)
         o_v = i_v * BV + tl.arange(0, BV)
         m_k, m_v = o_k < K, o_v < V
-        b_dh = tl.zeros([BK, BV], dtype=tl.float32)
-        if USE_DHT:
-            p_h = i_nh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :]
-            b_dh += tl.load(dht + p_h, mask=m_k[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+        p_h, m_kv = state_tile(i_nh, o_k, o_v, K, V)
+        b_dh = load_state(dht, p_h, m_kv, USE_DHT, BK, BV)
         nb = tl.cdiv(L, BT)
         for ib in range(0, nb):
             start = (nb - 1 - ib) * BT
