@@ -76,6 +76,17 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *_) -> torch.Tensor:
     return o.transpose(1, 2)
 
 
+def host_note(load_before: float, load_after: float) -> str:
+    """How far to trust the timings, from the 1-minute load averages around the run."""
+    cores = os.cpu_count() or 1
+    if max(load_before, load_after) < 1.5:
+        return f"quiet (load average below 1.5 on {cores} cores)"
+    return (
+        f"not quiet: load average {load_before}-{load_after} on {cores} cores from other processes; "
+        "wall-clock times are inflated and noisy, CPU times (*_cpu_ms) less so"
+    )
+
+
 def unavailable(name: str, device: torch.device, fla_module: str) -> str | None:
     """Why method `name` cannot run here (None: it can): "triton" and "fla_*" methods need CUDA (the
     Triton interpreter on CPU is for tests, not timing), triton, and for "fla_*" `fla_module`."""
@@ -97,9 +108,10 @@ def unavailable(name: str, device: torch.device, fla_module: str) -> str | None:
 
 def timer(
     device: torch.device, fn: Callable[[], object], pre: Callable[[], object] | None, warmup, reps, stat
-):
-    """Median (or min) ms of fn() (pre() runs untimed before each call)."""
-    times = []
+) -> tuple[float, float | None]:
+    """Median (or min) ms of fn() (pre() runs untimed before each call): wall-clock, and on CPU also
+    this process's CPU time (all threads), which other processes on a shared host disturb less."""
+    times, cpu_times = [], []
     for i in range(warmup + reps):
         arg = pre() if pre is not None else None
         if device.type == "cuda":
@@ -111,12 +123,14 @@ def timer(
             torch.cuda.synchronize()
             ms = start.elapsed_time(end)
         else:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn(arg)
             ms = (time.perf_counter() - t0) * 1e3
+            cpu_times.append((time.process_time() - c0) * 1e3)
         if i >= warmup:
             times.append(ms)
-    return min(times) if stat == "min" else statistics.median(times)
+    pick = min if stat == "min" else statistics.median
+    return pick(times), (pick(cpu_times[warmup:]) if cpu_times else None)
 
 
 def peak_mib(device: torch.device, fn: Callable[[], object], inputs: list[torch.Tensor]) -> float:
@@ -158,9 +172,15 @@ def measure(
     def fwd_bwd(_=None):
         make_graph().backward(do)
 
-    row = {"fwd_ms": timer(device, forward, None, warmup, reps, stat)}
-    row["bwd_ms"] = timer(device, lambda o: o.backward(do), make_graph, warmup, reps, stat)
-    row["fwdbwd_ms"] = timer(device, fwd_bwd, None, warmup, reps, stat)
+    row = {}
+    for name, call, pre in (
+        ("fwd", forward, None),
+        ("bwd", lambda o: o.backward(do), make_graph),
+        ("fwdbwd", fwd_bwd, None),
+    ):
+        row[f"{name}_ms"], cpu_ms = timer(device, call, pre, warmup, reps, stat)
+        if cpu_ms is not None:
+            row[f"{name}_cpu_ms"] = cpu_ms
     row["fwd_peak_mib"] = peak_mib(device, forward, [*params, do])
     row["fwdbwd_peak_mib"] = peak_mib(device, fwd_bwd, [*params, do])
     row["fwd_tokens_per_s"] = tokens / (row["fwd_ms"] / 1e3)
@@ -231,8 +251,9 @@ def run(
     """Benchmark every method at every T; write `results/<tag>_<device>.json` and its plot.
 
     make_inputs(B, T, H, D, dtype, device) -> leaf tensors with requires_grad (the method's
-    arguments). The JSON also records, per method, fwd+bwd tokens/s at the shortest T over that at
-    the longest (1.0: the per-token cost does not grow with T)."""
+    arguments). The JSON also records, per method, the forward+backward cost per token at the
+    longest T over that at the shortest (1.0: it does not grow with T), from wall-clock and (CPU)
+    from CPU time."""
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -280,14 +301,18 @@ def run(
             result["results"].append(row)
             print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}))
     ok = [r for r in result["results"] if "error" not in r and math.isfinite(r["fwdbwd_ms"])]
-    ratios = {}
-    for method in dict.fromkeys(r["method"] for r in ok):
-        rows = sorted((r for r in ok if r["method"] == method), key=lambda r: r["T"])
-        if len(rows) > 1:
-            ratios[method] = round(rows[0]["fwdbwd_tokens_per_s"] / rows[-1]["fwdbwd_tokens_per_s"], 3)
-    result["fwdbwd_cost_per_token_longest_over_shortest_T"] = ratios
+    for key in ("fwdbwd_ms", "fwdbwd_cpu_ms"):
+        ratios = {}
+        for method in dict.fromkeys(r["method"] for r in ok):
+            rows = sorted((r for r in ok if r["method"] == method and key in r), key=lambda r: r["T"])
+            if len(rows) > 1:
+                per_token = [r[key] / (r["B"] * r["T"]) for r in (rows[0], rows[-1])]
+                ratios[method] = round(per_token[1] / per_token[0], 3)
+        if ratios:
+            result[f"{key[:-3]}_per_token_longest_over_shortest_T"] = ratios
     if hasattr(os, "getloadavg"):
         result["load_avg_1min_after"] = round(os.getloadavg()[0], 2)
+        result["host"] = host_note(result["load_avg_1min_before"], result["load_avg_1min_after"])
     out = args.out or RESULTS / f"{tag}_{device_tag(device)}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
