@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from lmstack_kernels.common.checks import DTYPES, check_qkv, check_sequences, use_triton
+from lmstack_kernels.common.compiler import disable_compile
 from lmstack_kernels.gla.chunk import chunk_gla
 
 __all__ = ["gla_attn"]
@@ -46,7 +47,7 @@ def _recurrent_step(q, k, v, g, scale, initial_state):
     return o.unsqueeze(1).to(q.dtype), S
 
 
-@torch.compiler.disable
+@disable_compile  # the Triton launch graph-breaks under torch.compile
 def _triton_path(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens):
     from lmstack_kernels.common.triton_utils import flatten_varlen
     from lmstack_kernels.gla.triton_kernels import GLAFunction

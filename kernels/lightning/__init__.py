@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from lmstack_kernels.common.checks import check_qkv, check_sequences, use_triton
+from lmstack_kernels.common.compiler import disable_compile
 from lmstack_kernels.lightning.chunk import chunk_lightning_attn
 
 __all__ = ["lightning_attn"]
@@ -33,7 +34,7 @@ def _validate(q, k, v, decay, initial_state, cu_seqlens, backend, chunk_size) ->
         raise ValueError(f"lightning_attn: chunk_size must be a power of two in 16..128, got {chunk_size}")
 
 
-@torch.compiler.disable
+@disable_compile  # the Triton launch graph-breaks under torch.compile
 def _triton_path(q, k, v, decay, scale, initial_state, output_final_state, cu_seqlens, chunk_size):
     from lmstack_kernels.lightning.triton_kernels import LightningAttnFunction
 

@@ -16,20 +16,22 @@ from lmstack.model.mixers.attention import Attention, AttentionOptions
 # second starts exactly at the cut, so row 1 does not continue).
 DOC_IDS = torch.tensor([[0] * 15 + [1] * 20 + [2] * 5, [0] * 24 + [1] * 16])
 CUT = 24
+# Options that make a mixer's own structure matter at this length (a window shorter than the slices).
+OPTIONS = {"swa": {"window": 7}}
 
 
-def _model(mixer: str, options: dict | None = None) -> LM:
+def _model(mixer: str, options: dict) -> LM:
     cfg = ModelConfig(
         vocab_size=61, d_model=64, n_layers=2, n_heads=2, mixer=mixer, max_seq_len=64,
-        mixer_options={mixer: options or {}},
+        mixer_options={mixer: options},
     )  # fmt: skip
     cfg.validate()
     torch.manual_seed(0)
     return LM(cfg)
 
 
-# Every mixer with its defaults, plus option sets that add state of their own.
-VARIANTS = [(name, {}) for name in sorted(MIXERS)] + [("gla", {"use_short_conv": True})]
+# Every mixer (with OPTIONS where given), plus option sets that add state of their own.
+VARIANTS = [(name, OPTIONS.get(name, {})) for name in sorted(MIXERS)] + [("gla", {"use_short_conv": True})]
 
 
 @pytest.mark.parametrize(("mixer", "options"), VARIANTS)

@@ -35,6 +35,8 @@ def get_mixer(name: str) -> type[TokenMixer]:
 from lmstack.model.mixers import attention
 from lmstack.model.mixers import gla
 from lmstack.model.mixers import lightning
+from lmstack.model.mixers import moh
 from lmstack.model.mixers import shortconv
+from lmstack.model.mixers import swa
 
 __all__ = ["MIXERS", "BatchContext", "MixerOutput", "NoOptions", "TokenMixer", "get_mixer", "register"]
