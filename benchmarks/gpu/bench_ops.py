@@ -2,7 +2,7 @@
 
 bf16, B·T = 32K tokens per call (B = 32K / T), H = 16, K = V = 128, T = 1K ... 32K: forward,
 backward and forward+backward times (median of CUDA-event timings after warm-up, as
-benchmarks/bench_lightning.py measures them) and peak memory above the inputs. SDPA (causal softmax
+benchmarks/op_bench.py measures them) and peak memory above the inputs. SDPA (causal softmax
 attention, flash on the GPU) is the same for every op and timed once per T. Before timing, each fla
 counterpart's output is compared with the op's (relative RMSE, both bf16): a speed comparison is only
 meaningful between paths that compute the same function. A shape that runs out of memory is recorded
@@ -12,9 +12,9 @@ as such. Dry run: the interpreter on CPU, tiny shapes, one run each; its times a
 from __future__ import annotations
 
 import torch
-from bench_lightning import make_method, measure
 from common import Report, step_args
 from helpers import rel_rmse
+from op_bench import measure, sdpa
 from ops import OPS
 
 SHAPES = {
@@ -77,7 +77,6 @@ def main() -> None:
     no_fla = fla_unavailable(device)
     if no_fla:
         report.skip("fla", no_fla)
-    sdpa = make_method("sdpa", torch.zeros(H))
     gen = torch.Generator().manual_seed(0)
     for T in shape["Ts"]:
         B = shape["tokens"] // T

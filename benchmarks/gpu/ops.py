@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lmstack_kernels.gla import gla_attn
+from lmstack_kernels.gla.naive import naive_gla
 from lmstack_kernels.lightning import lightning_attn
 from lmstack_kernels.lightning.naive import naive_lightning_attn
 
@@ -64,6 +66,23 @@ def _fla_simple_gla(x: Inputs, initial_state=None, cu_seqlens=None):
     )  # fmt: skip
 
 
+def _gla_inputs(B, T, H, K, V, strong_decay, gen) -> Inputs:
+    # Log gates per token and key channel: strong ones down to −5 per step (a 16-token chunk sums to
+    # about −40); weak ones as the mixer makes them at initialisation, logsigmoid(N(0, 1)) / 16.
+    u = torch.randn(B, T, H, K, generator=gen)
+    g = -5 * torch.rand(B, T, H, K, generator=gen) if strong_decay else torch.nn.functional.logsigmoid(u) / 16
+    return {**_qkv(B, T, H, K, V, gen), "g": g}
+
+
+def _fla_gla(x: Inputs, initial_state=None, cu_seqlens=None):
+    from fla.ops.gla import chunk_gla
+
+    return chunk_gla(
+        x["q"], x["k"], x["v"], x["g"], initial_state=initial_state, output_final_state=True,
+        cu_seqlens=None if cu_seqlens is None else cu_seqlens.long(),
+    )  # fmt: skip
+
+
 OPS: dict[str, Op] = {
     "lightning": Op(
         make_inputs=_lightning_inputs,
@@ -84,5 +103,17 @@ OPS: dict[str, Op] = {
         ),
         fla=_fla_simple_gla,
         fla_name="fla.ops.simple_gla.chunk_simple_gla (g = decay broadcast over B, T)",
+    ),
+    "gla": Op(
+        make_inputs=_gla_inputs,
+        grad_inputs=("q", "k", "v", "g"),
+        run=lambda x, backend, **kw: gla_attn(
+            x["q"], x["k"], x["v"], x["g"], output_final_state=True, backend=backend, **kw
+        ),
+        naive=lambda x, **kw: naive_gla(
+            x["q"], x["k"], x["v"], x["g"], None, kw["initial_state"], True, kw["cu_seqlens"], x["q"].dtype
+        ),
+        fla=_fla_gla,
+        fla_name="fla.ops.gla.chunk_gla",
     ),
 }

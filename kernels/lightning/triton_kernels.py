@@ -21,33 +21,16 @@ False and only the PyTorch paths of the package are usable.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-try:
+from lmstack_kernels.common.triton_utils import HAS_TRITON, interpreting, launch_opts, state_tiles
+
+if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    HAS_TRITON = True
-except ImportError:  # exported models load where only torch is installed
-    triton = None
-    tl = None
-    HAS_TRITON = False
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-if HAS_TRITON:
-
-    @triton.jit
-    def _load(ptr, mask, LOWP: tl.constexpr):
-        x = tl.load(ptr, mask=mask, other=0.0)
-        if not LOWP:
-            x = x.to(tl.float32)
-        return x
+    from lmstack_kernels.common.triton_utils import load_state, program_sequence, state_tile
+    from lmstack_kernels.common.triton_utils import load_tile as _load
 
     @triton.jit
     def _decays(b_g, o_t, n, BT: tl.constexpr):
@@ -68,20 +51,15 @@ if HAS_TRITON:
         BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
         USE_H0: tl.constexpr, STORE_HT: tl.constexpr, LOWP: tl.constexpr,
     ):  # fmt: skip
-        i_nh, i_v = tl.program_id(0), tl.program_id(1)
-        i_n, i_h = i_nh // H, i_nh % H
-        bos = tl.load(cu + i_n).to(tl.int64)
-        L = tl.load(cu + i_n + 1).to(tl.int64) - bos
+        i_nh, i_h, bos, L = program_sequence(cu, H)
+        i_v = tl.program_id(1)
         b_g = tl.load(g + i_h).to(tl.float32)
         o_t = tl.arange(0, BT)
         o_k = tl.arange(0, BK)
         o_v = i_v * BV + tl.arange(0, BV)
         m_k, m_v = o_k < K, o_v < V
-        m_kv = m_k[:, None] & m_v[None, :]
-        p_h = i_nh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :]
-        b_h = tl.zeros([BK, BV], dtype=tl.float32)
-        if USE_H0:
-            b_h += tl.load(h0 + p_h, mask=m_kv, other=0.0).to(tl.float32)
+        p_h, m_kv = state_tile(i_nh, o_k, o_v, K, V)
+        b_h = load_state(h0, p_h, m_kv, USE_H0, BK, BV)
         for start in range(0, L, BT):
             n = tl.minimum(L - start, BT)
             m_t = o_t < n
@@ -112,19 +90,15 @@ if HAS_TRITON:
         USE_H0: tl.constexpr, LOWP: tl.constexpr,
     ):  # fmt: skip
         # dq_i = scale * [ Σ_{j≤i in block} λ^(i-j) (do_i·v_j) k_j + λ^(i+1) S_prev do_i ]
-        i_nh, i_k = tl.program_id(0), tl.program_id(1)
-        i_n, i_h = i_nh // H, i_nh % H
-        bos = tl.load(cu + i_n).to(tl.int64)
-        L = tl.load(cu + i_n + 1).to(tl.int64) - bos
+        i_nh, i_h, bos, L = program_sequence(cu, H)
+        i_k = tl.program_id(1)
         b_g = tl.load(g + i_h).to(tl.float32)
         o_t = tl.arange(0, BT)
         o_k = i_k * BK + tl.arange(0, BK)
         o_v = tl.arange(0, BV)
         m_k, m_v = o_k < K, o_v < V
-        b_h = tl.zeros([BK, BV], dtype=tl.float32)
-        if USE_H0:
-            p_h = i_nh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :]
-            b_h += tl.load(h0 + p_h, mask=m_k[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+        p_h, m_kv = state_tile(i_nh, o_k, o_v, K, V)
+        b_h = load_state(h0, p_h, m_kv, USE_H0, BK, BV)
         for start in range(0, L, BT):
             n = tl.minimum(L - start, BT)
             m_t = o_t < n
@@ -155,20 +129,15 @@ if HAS_TRITON:
         # dk_j = scale * Σ_{i≥j in block} λ^(i-j) (do_i·v_j) q_i + λ^(n-1-j) dS v_j, where the carry
         # dS is the gradient of the state at the block end; it moves back as
         # dS <- λ^n dS + scale * Σ_i λ^(i+1) q_i do_iᵀ.
-        i_nh, i_k = tl.program_id(0), tl.program_id(1)
-        i_n, i_h = i_nh // H, i_nh % H
-        bos = tl.load(cu + i_n).to(tl.int64)
-        L = tl.load(cu + i_n + 1).to(tl.int64) - bos
+        i_nh, i_h, bos, L = program_sequence(cu, H)
+        i_k = tl.program_id(1)
         b_g = tl.load(g + i_h).to(tl.float32)
         o_t = tl.arange(0, BT)
         o_k = i_k * BK + tl.arange(0, BK)
         o_v = tl.arange(0, BV)
         m_k, m_v = o_k < K, o_v < V
-        m_kv = m_k[:, None] & m_v[None, :]
-        p_h = i_nh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :]
-        b_dh = tl.zeros([BK, BV], dtype=tl.float32)
-        if USE_DHT:
-            b_dh += tl.load(dht + p_h, mask=m_kv, other=0.0).to(tl.float32)
+        p_h, m_kv = state_tile(i_nh, o_k, o_v, K, V)
+        b_dh = load_state(dht, p_h, m_kv, USE_DHT, BK, BV)
         nb = tl.cdiv(L, BT)
         for ib in range(0, nb):
             start = (nb - 1 - ib) * BT
@@ -201,19 +170,15 @@ if HAS_TRITON:
         USE_DHT: tl.constexpr, LOWP: tl.constexpr,
     ):  # fmt: skip
         # dv_j = scale * Σ_{i≥j in block} λ^(i-j) (q_i·k_j) do_i + λ^(n-1-j) dSᵀ k_j
-        i_nh, i_v = tl.program_id(0), tl.program_id(1)
-        i_n, i_h = i_nh // H, i_nh % H
-        bos = tl.load(cu + i_n).to(tl.int64)
-        L = tl.load(cu + i_n + 1).to(tl.int64) - bos
+        i_nh, i_h, bos, L = program_sequence(cu, H)
+        i_v = tl.program_id(1)
         b_g = tl.load(g + i_h).to(tl.float32)
         o_t = tl.arange(0, BT)
         o_k = tl.arange(0, BK)
         o_v = i_v * BV + tl.arange(0, BV)
         m_k, m_v = o_k < K, o_v < V
-        b_dh = tl.zeros([BK, BV], dtype=tl.float32)
-        if USE_DHT:
-            p_h = i_nh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :]
-            b_dh += tl.load(dht + p_h, mask=m_k[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+        p_h, m_kv = state_tile(i_nh, o_k, o_v, K, V)
+        b_dh = load_state(dht, p_h, m_kv, USE_DHT, BK, BV)
         nb = tl.cdiv(L, BT)
         for ib in range(0, nb):
             start = (nb - 1 - ib) * BT
@@ -237,24 +202,6 @@ if HAS_TRITON:
             )
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
-
-
-def _tiles(full: int, other: int) -> tuple[int, int]:
-    """(padded full dim, tile of the other dim) of a kernel's state block [full, tile]: the tile is
-    64 for full ≤ 64 and 32 above, which kept register spills small in sm_90 compiles with
-    triton 3.9 (ptxas -v; e.g. K = V = 64: no spills). Not yet tuned on a GPU."""
-    f = max(16, _pow2(full))
-    return f, max(16, min(64, _pow2(other), max(32, 4096 // f)))
-
-
-def _launch_opts(f: int) -> dict:
-    if interpreting():
-        return {}
-    return {"num_warps": 8 if f >= 32 else 4}
-
-
 def lightning_fwd(q, k, v, g, scale, h0, cu, output_final_state, BT):
     """q, k: [1, TT, H, K]; v: [1, TT, H, V] contiguous; g: [H] fp32; h0: [N, H, K, V] fp32 or None;
     cu: [N+1] int32 on q's device. Returns (o like v, final state fp32 or None)."""
@@ -264,10 +211,10 @@ def lightning_fwd(q, k, v, g, scale, h0, cu, output_final_state, BT):
     lowp = q.dtype != torch.float32 and not interpreting()
     o = torch.empty_like(v)
     ht = q.new_empty(N, H, K, V, dtype=torch.float32) if output_final_state else None
-    BK, BV = _tiles(K, V)
+    BK, BV = state_tiles(K, V)
     _fwd_kernel[(N * H, triton.cdiv(V, BV))](
         q, k, v, g, h0, o, ht, cu, scale, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
-        USE_H0=h0 is not None, STORE_HT=output_final_state, LOWP=lowp, **_launch_opts(BK),
+        USE_H0=h0 is not None, STORE_HT=output_final_state, LOWP=lowp, **launch_opts(BK),
     )  # fmt: skip
     return o, ht
 
@@ -281,19 +228,19 @@ def lightning_bwd(q, k, v, g, scale, h0, cu, do, dht, need_dh0, BT):
     do = do.contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dh0 = q.new_empty(N, H, K, V, dtype=torch.float32) if need_dh0 else None
-    BVf, BKt = _tiles(V, K)
+    BVf, BKt = state_tiles(V, K)
     _bwd_dq_kernel[(N * H, triton.cdiv(K, BKt))](
         k, v, g, h0, do, dq, cu, scale, H=H, K=K, V=V, BT=BT, BK=BKt, BV=BVf,
-        USE_H0=h0 is not None, LOWP=lowp, **_launch_opts(BVf),
+        USE_H0=h0 is not None, LOWP=lowp, **launch_opts(BVf),
     )  # fmt: skip
     _bwd_dk_kernel[(N * H, triton.cdiv(K, BKt))](
         q, v, g, dht, do, dk, dh0, cu, scale, H=H, K=K, V=V, BT=BT, BK=BKt, BV=BVf,
-        USE_DHT=dht is not None, STORE_DH0=need_dh0, LOWP=lowp, **_launch_opts(BVf),
+        USE_DHT=dht is not None, STORE_DH0=need_dh0, LOWP=lowp, **launch_opts(BVf),
     )  # fmt: skip
-    BKf, BVt = _tiles(K, V)
+    BKf, BVt = state_tiles(K, V)
     _bwd_dv_kernel[(N * H, triton.cdiv(V, BVt))](
         q, k, g, dht, do, dv, cu, scale, H=H, K=K, V=V, BT=BT, BK=BKf, BV=BVt,
-        USE_DHT=dht is not None, LOWP=lowp, **_launch_opts(BKf),
+        USE_DHT=dht is not None, LOWP=lowp, **launch_opts(BKf),
     )  # fmt: skip
     return dq, dk, dv, dh0
 

@@ -20,23 +20,27 @@ CUT = 24
 OPTIONS = {"swa": {"window": 7}}
 
 
-def _model(mixer: str) -> LM:
-    options = {mixer: OPTIONS[mixer]} if mixer in OPTIONS else {}
+def _model(mixer: str, options: dict) -> LM:
     cfg = ModelConfig(
-        vocab_size=61, d_model=64, n_layers=2, n_heads=2, mixer=mixer, max_seq_len=64, mixer_options=options
-    )
+        vocab_size=61, d_model=64, n_layers=2, n_heads=2, mixer=mixer, max_seq_len=64,
+        mixer_options={mixer: options},
+    )  # fmt: skip
     cfg.validate()
     torch.manual_seed(0)
     return LM(cfg)
 
 
-@pytest.mark.parametrize("mixer", sorted(MIXERS))
-def test_two_slices_equal_one_pass(mixer: str) -> None:
+# Every mixer (with OPTIONS where given), plus option sets that add state of their own.
+VARIANTS = [(name, OPTIONS.get(name, {})) for name in sorted(MIXERS)] + [("gla", {"use_short_conv": True})]
+
+
+@pytest.mark.parametrize(("mixer", "options"), VARIANTS)
+def test_two_slices_equal_one_pass(mixer: str, options: dict) -> None:
     ids = torch.randint(0, 61, DOC_IDS.shape)
     weights = torch.randn(*DOC_IDS.shape, 61)
     results = []
     for sliced in (False, True):
-        model = _model(mixer)
+        model = _model(mixer, options)
         if sliced:
             first = model(ids[:, :CUT], BatchContext.for_slice(DOC_IDS, 0, CUT), use_cache=True)
             second = model(ids[:, CUT:], BatchContext.for_slice(DOC_IDS, CUT, 40), cache=first.cache)

@@ -33,6 +33,11 @@ HAND = {
     "lightning": 32768 + 8192 + 4096 + 4096,
     # depthwise kernel of 4 taps on 64 channels: 2*64*4 = 512.
     "shortconv": 512,
+    # Keys 0.5*64 = 32 (K = 8 per head), values 64 (V = 16). q, k: 2*64*32 each = 8192; v, output gate
+    # r, o: 2*64*64 each = 24576; low-rank gate 64 -> 16 -> 32: 2*64*16 + 2*16*32 = 3072.
+    # Triton chunks of C = min(16, T) = 16 per head: scores 2*C*K = 256, times v 2*C*V = 512, q.S and
+    # k v^T 2*K*V each = 512: 4 heads * 1280 = 5120.
+    "gla": 8192 + 24576 + 3072 + 5120,
     # attention's projections; window 4: tokens 0..3 see 1..4 keys, the other 12 see 4, so
     # (1+2+3+4 + 12*4) / 16 = 3.625 keys on average: 2 * 2*16 * 4 heads * 3.625 = 928.
     "swa": 24576 + 928,

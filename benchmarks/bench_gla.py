@@ -1,0 +1,62 @@
+"""Benchmark of `gla_attn`: forward, backward and forward+backward time and peak memory over T.
+
+Methods (each where it can run):
+- `triton`:      the GLA Triton kernels (CUDA only);
+- `torch_chunk`: the chunked PyTorch path of the same op (any device), gradients of q, k, v and g;
+- `sdpa`:        torch `scaled_dot_product_attention`, causal, the softmax baseline of the same shapes;
+- `fla_chunk_gla`: flash-linear-attention's `chunk_gla` (CUDA only, when `fla` is importable).
+
+Gates as the mixer makes them: g = logsigmoid(x) / 16, x ~ N(0, 1). Writes
+`benchmarks/results/gla_<device>.json` and a plot next to it; timing and memory as in `op_bench.py`.
+
+Examples:
+    python benchmarks/bench_gla.py --T 512 1024 2048 4096 --tokens-per-batch 8192 --stat min   # CPU
+    python benchmarks/bench_gla.py --T 1024 4096 16384 65536 --tokens-per-batch 65536 --H 16 --D 128
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import op_bench
+import torch
+import torch.nn.functional as F
+
+from lmstack_kernels.gla import gla_attn
+
+METHODS = ["triton", "torch_chunk", "sdpa", "fla_chunk_gla"]
+
+
+def make_inputs(B, T, H, D, dtype, device) -> list[torch.Tensor]:
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    mk = lambda: torch.randn(B, T, H, D, generator=gen)
+    q, k, v = (mk() * 0.5 for _ in range(3))
+    g = F.logsigmoid(mk()) / 16
+    return [x.to(device=device, dtype=dtype).requires_grad_() for x in (q, k, v, g)]
+
+
+def make_method(name: str) -> Callable:
+    """A function (q, k, v, g) -> o with all four in [B, T, H, D]."""
+    if name in ("triton", "torch_chunk"):
+        backend = "triton" if name == "triton" else "torch"
+        return lambda q, k, v, g: gla_attn(q, k, v, g, backend=backend)[0]
+    if name == "sdpa":
+        return op_bench.sdpa
+    if name == "fla_chunk_gla":
+        from fla.ops.gla import chunk_gla
+
+        return lambda q, k, v, g: chunk_gla(q, k, v, g, scale=q.shape[-1] ** -0.5)[0]
+    raise ValueError(name)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = op_bench.parser(__doc__.split("\n\n")[0], METHODS, "gla").parse_args(argv)
+    notes = {"gates": "g = logsigmoid(N(0, 1)) / 16"}
+    op_bench.run(
+        args, "lmstack_kernels.gla.gla_attn", "gla", make_method,
+        lambda name, device: op_bench.unavailable(name, device, "fla.ops.gla"), make_inputs, notes,
+    )  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""`gla_attn`: gated linear attention (GLA) with a data-dependent, per-key-channel forget gate.
+
+Public API: `gla_attn` only. Files: `naive.py` (the ground-truth recurrence), `chunk.py` (chunked
+PyTorch path), `triton_kernels.py` (Triton forward/backward and their autograd Function), `MATH.md`
+(convention, the stable chunked form, the gradient of the gates), `compile_check.py` (compiles the
+kernels for a GPU target without a GPU).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lmstack_kernels.common.checks import DTYPES, check_qkv, check_sequences, use_triton
+from lmstack_kernels.common.compiler import disable_compile
+from lmstack_kernels.gla.chunk import chunk_gla
+
+__all__ = ["gla_attn"]
+
+MIN_HEAD_DIM, MAX_HEAD_DIM = 1, 256
+
+
+def _validate(q, k, v, g, initial_state, cu_seqlens, backend) -> None:
+    check_qkv("gla_attn", q, k, v, MIN_HEAD_DIM, MAX_HEAD_DIM)
+    if not isinstance(g, torch.Tensor) or g.shape != q.shape or g.dtype not in DTYPES:
+        raise ValueError(
+            f"gla_attn: g must be a float tensor [B, T, H, K] = {list(q.shape)} (log forget gates), got "
+            f"{tuple(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__}"
+            f"{'' if not isinstance(g, torch.Tensor) else ' ' + str(g.dtype)}"
+        )
+    if g.device != q.device:
+        raise ValueError(f"gla_attn: g is on {g.device}, q on {q.device}")
+    # Value checks only for CPU tensors (no host sync on CUDA; see lmstack_kernels.common.checks).
+    if not q.is_cuda and g.numel() and not bool((g <= 0).all()):
+        raise ValueError("gla_attn: g holds log forget gates and must be ≤ 0 (no NaN), got a positive value")
+    check_sequences("gla_attn", q, v, initial_state, cu_seqlens, backend)
+
+
+def _recurrent_step(q, k, v, g, scale, initial_state):
+    """One token per row (decoding): S = diag(exp g) S + k vᵀ, o = Sᵀ (scale · q), in fp32."""
+    B, _, H, K = q.shape
+    V = v.shape[-1]
+    S = q.new_zeros(B, H, K, V, dtype=torch.float32) if initial_state is None else initial_state.float()
+    S = g[:, 0].float().exp().unsqueeze(-1) * S + k[:, 0].float().unsqueeze(-1) * v[:, 0].float().unsqueeze(
+        -2
+    )
+    o = torch.einsum("bhk,bhkv->bhv", q[:, 0].float() * scale, S)
+    return o.unsqueeze(1).to(q.dtype), S
+
+
+@disable_compile  # the Triton launch graph-breaks under torch.compile
+def _triton_path(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens):
+    from lmstack_kernels.common.triton_utils import flatten_varlen
+    from lmstack_kernels.gla.triton_kernels import GLAFunction
+
+    B, T, H, _ = q.shape
+    (q, k, v, g), cu = flatten_varlen((q, k, v, g), cu_seqlens)
+    h0 = None if initial_state is None else initial_state.float().contiguous()
+    o, ht = GLAFunction.apply(q, k, v, g, float(scale), h0, cu, output_final_state)
+    return o.view(B, T, H, -1), ht
+
+
+def gla_attn(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gated linear attention: per head, with the state S ∈ R^{K×V} in fp32 (MATH.md),
+
+        S_t = diag(exp g_t) S_{t-1} + k_t v_tᵀ,   S_{-1} = initial_state (or 0)
+        o_t = S_tᵀ (scale · q_t)
+
+    the convention of flash-linear-attention's `chunk_gla` / `naive_recurrent_gla`.
+
+    Args:
+        q, k: [B, T, H, K]; v: [B, T, H, V]; float32, bfloat16 or float16 (all the same);
+            1 ≤ K, V ≤ 256 (both paths: the Triton kernels pad head dims to a power of two ≥ 16).
+        g: [B, T, H, K], any of those float dtypes: log forget gates, ≤ 0 (checked on CPU tensors).
+            Strong gates are fine: every exponent the op forms is ≤ 0, so nothing overflows.
+        scale: multiplies q; default K^-0.5.
+        initial_state: [B, H, K, V] (with cu_seqlens: [N, H, K, V], one per document), any float
+            dtype (used in fp32).
+        output_final_state: also return the state after the last token ([B or N, H, K, V], fp32).
+        cu_seqlens: [N+1] integer cumulative document lengths over the tokens of a flattened batch
+            (B must be 1, the varlen convention of flash-attention/fla); the state restarts at each
+            document start (from initial_state[n] when given, else 0).
+        backend: "auto" (Triton for CUDA tensors, the chunked PyTorch path otherwise), "triton"
+            (CUDA, or CPU under TRITON_INTERPRET=1) or "torch". A single token per row (T = 1, no
+            cu_seqlens; decoding) always takes one recurrent step in PyTorch.
+
+    Returns:
+        (o [B, T, H, V] in q's dtype, final state fp32 or None). Gradients flow to q, k, v, g and
+        initial_state; all arithmetic accumulates in fp32.
+    """
+    _validate(q, k, v, g, initial_state, cu_seqlens, backend)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    if q.shape[1] == 1 and cu_seqlens is None:
+        o, ht = _recurrent_step(q, k, v, g, scale, initial_state)
+    elif use_triton("gla_attn", q, backend, "lmstack_kernels.gla.triton_kernels"):
+        o, ht = _triton_path(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
+    else:
+        o, ht = chunk_gla(q, k, v, g, scale, initial_state, cu_seqlens)
+    return o, (ht if output_final_state else None)
