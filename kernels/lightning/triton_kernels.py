@@ -21,33 +21,13 @@ False and only the PyTorch paths of the package are usable.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-try:
-    import triton
-    import triton.language as tl
+from lmstack_kernels.common.triton_support import HAS_TRITON, interpreting, load_tile, pow2, tl, triton
 
-    HAS_TRITON = True
-except ImportError:  # exported models load where only torch is installed
-    triton = None
-    tl = None
-    HAS_TRITON = False
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
+__all__ = ["LightningAttnFunction", "HAS_TRITON", "interpreting"]
 
 if HAS_TRITON:
-
-    @triton.jit
-    def _load(ptr, mask, LOWP: tl.constexpr):
-        x = tl.load(ptr, mask=mask, other=0.0)
-        if not LOWP:
-            x = x.to(tl.float32)
-        return x
 
     @triton.jit
     def _decays(b_g, o_t, n, BT: tl.constexpr):
@@ -86,9 +66,9 @@ if HAS_TRITON:
             n = tl.minimum(L - start, BT)
             m_t = o_t < n
             row = (bos + start + o_t) * H + i_h
-            b_q = _load(q + row[:, None] * K + o_k[None, :], m_t[:, None] & m_k[None, :], LOWP)
-            b_k = _load(k + row[:, None] * K + o_k[None, :], m_t[:, None] & m_k[None, :], LOWP)
-            b_v = _load(v + row[:, None] * V + o_v[None, :], m_t[:, None] & m_v[None, :], LOWP)
+            b_q = load_tile(q + row[:, None] * K + o_k[None, :], m_t[:, None] & m_k[None, :], LOWP)
+            b_k = load_tile(k + row[:, None] * K + o_k[None, :], m_t[:, None] & m_k[None, :], LOWP)
+            b_v = load_tile(v + row[:, None] * V + o_v[None, :], m_t[:, None] & m_v[None, :], LOWP)
             M, q_dec, k_dec = _decays(b_g, o_t, n, BT)
             b_s = tl.dot(b_q, tl.trans(b_k)) * (M * scale)
             b_o = tl.dot(b_s.to(b_v.dtype), b_v)
@@ -129,9 +109,9 @@ if HAS_TRITON:
             n = tl.minimum(L - start, BT)
             m_t = o_t < n
             row = (bos + start + o_t) * H + i_h
-            b_k = _load(k + row[:, None] * K + o_k[None, :], m_t[:, None] & m_k[None, :], LOWP)
-            b_v = _load(v + row[:, None] * V + o_v[None, :], m_t[:, None] & m_v[None, :], LOWP)
-            b_do = _load(do + row[:, None] * V + o_v[None, :], m_t[:, None] & m_v[None, :], LOWP)
+            b_k = load_tile(k + row[:, None] * K + o_k[None, :], m_t[:, None] & m_k[None, :], LOWP)
+            b_v = load_tile(v + row[:, None] * V + o_v[None, :], m_t[:, None] & m_v[None, :], LOWP)
+            b_do = load_tile(do + row[:, None] * V + o_v[None, :], m_t[:, None] & m_v[None, :], LOWP)
             M, q_dec, k_dec = _decays(b_g, o_t, n, BT)
             b_dp = tl.dot(b_do, tl.trans(b_v)) * (M * scale)
             b_dq = tl.dot(b_dp.to(b_k.dtype), b_k)
@@ -175,9 +155,9 @@ if HAS_TRITON:
             n = tl.minimum(L - start, BT)
             m_t = o_t < n
             row = (bos + start + o_t) * H + i_h
-            b_q = _load(q + row[:, None] * K + o_k[None, :], m_t[:, None] & m_k[None, :], LOWP)
-            b_v = _load(v + row[:, None] * V + o_v[None, :], m_t[:, None] & m_v[None, :], LOWP)
-            b_do = _load(do + row[:, None] * V + o_v[None, :], m_t[:, None] & m_v[None, :], LOWP)
+            b_q = load_tile(q + row[:, None] * K + o_k[None, :], m_t[:, None] & m_k[None, :], LOWP)
+            b_v = load_tile(v + row[:, None] * V + o_v[None, :], m_t[:, None] & m_v[None, :], LOWP)
+            b_do = load_tile(do + row[:, None] * V + o_v[None, :], m_t[:, None] & m_v[None, :], LOWP)
             M, q_dec, k_dec = _decays(b_g, o_t, n, BT)
             b_dp = tl.dot(b_do, tl.trans(b_v)) * (M * scale)  # [i, j]
             b_dk = tl.dot(tl.trans(b_dp.to(b_q.dtype)), b_q)
@@ -220,9 +200,9 @@ if HAS_TRITON:
             n = tl.minimum(L - start, BT)
             m_t = o_t < n
             row = (bos + start + o_t) * H + i_h
-            b_q = _load(q + row[:, None] * K + o_k[None, :], m_t[:, None] & m_k[None, :], LOWP)
-            b_k = _load(k + row[:, None] * K + o_k[None, :], m_t[:, None] & m_k[None, :], LOWP)
-            b_do = _load(do + row[:, None] * V + o_v[None, :], m_t[:, None] & m_v[None, :], LOWP)
+            b_q = load_tile(q + row[:, None] * K + o_k[None, :], m_t[:, None] & m_k[None, :], LOWP)
+            b_k = load_tile(k + row[:, None] * K + o_k[None, :], m_t[:, None] & m_k[None, :], LOWP)
+            b_do = load_tile(do + row[:, None] * V + o_v[None, :], m_t[:, None] & m_v[None, :], LOWP)
             M, q_dec, k_dec = _decays(b_g, o_t, n, BT)
             b_s = tl.dot(b_q, tl.trans(b_k)) * (M * scale)  # [i, j]
             b_dv = tl.dot(tl.trans(b_s.to(b_do.dtype)), b_do)
@@ -237,16 +217,12 @@ if HAS_TRITON:
             )
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
-
-
 def _tiles(full: int, other: int) -> tuple[int, int]:
     """(padded full dim, tile of the other dim) of a kernel's state block [full, tile]: the tile is
     64 for full ≤ 64 and 32 above, which kept register spills small in sm_90 compiles with
     triton 3.9 (ptxas -v; e.g. K = V = 64: no spills). Not yet tuned on a GPU."""
-    f = max(16, _pow2(full))
-    return f, max(16, min(64, _pow2(other), max(32, 4096 // f)))
+    f = max(16, pow2(full))
+    return f, max(16, min(64, pow2(other), max(32, 4096 // f)))
 
 
 def _launch_opts(f: int) -> dict:

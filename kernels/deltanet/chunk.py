@@ -1,0 +1,122 @@
+"""Chunked PyTorch path (CPU training and a second reference): differentiable through autograd.
+
+Blocks of `chunk_size` tokens (MATH.md, "Chunked form"): inside every block at once, the UT transform
+T = (I + tril(diag(β) K Kᵀ, -1))⁻¹ by a batched triangular solve and the WY factors W = T diag(β) K,
+U⁰ = T diag(β) V; across blocks, a loop that carries the state S and turns U⁰ into the block's
+pseudo-values U = U⁰ − W S. Computes in fp32 whatever the input dtype; o comes back in the input
+dtype, states in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _blocks(x: torch.Tensor, nb: int, C: int) -> torch.Tensor:
+    """[B, T, H, *D] -> [B, H, nb, C, *D] in fp32, zero-padded at the end to nb * C tokens.
+
+    Zero padding is exact here: a padded token (k = 0, β = 0) leaves the state unchanged."""
+    B, T, H = x.shape[:3]
+    x = F.pad(x.float(), (0, 0) * (x.dim() - 3) + (0, 0, 0, nb * C - T))
+    return x.view(B, nb, C, H, *x.shape[3:]).movedim(3, 1)
+
+
+def _wy_factors(k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per block: k [..., C, K], v [..., C, V], beta [..., C] -> (W [..., C, K], U⁰ [..., C, V])."""
+    k_beta = k * beta[..., None]
+    lower = torch.tril(k_beta @ k.transpose(-1, -2), -1)  # tril(diag(β) K Kᵀ, -1)
+    eye = torch.eye(k.shape[-2], dtype=k.dtype, device=k.device)
+    T = torch.linalg.solve_triangular(eye + lower, eye.expand_as(lower), upper=False, unitriangular=True)
+    return T @ k_beta, T @ (v * beta[..., None])
+
+
+def _chunk_dense(
+    q: torch.Tensor | None,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float,
+    initial_state: torch.Tensor | None,
+    chunk_size: int,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """One sequence per row (shapes as `chunk_delta_rule`); q None: the final state only."""
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    S = k.new_zeros(B, H, K, V, dtype=torch.float32) if initial_state is None else initial_state.float()
+    if T == 0:
+        return (None if q is None else v.new_zeros(v.shape)), S
+    C = max(1, min(chunk_size, T))
+    nb = -(-T // C)
+    kb, vb, betab = _blocks(k, nb, C), _blocks(v, nb, C), _blocks(beta, nb, C)
+    W, U0 = _wy_factors(kb, vb, betab)
+    entry_states, pseudo_values = [], []
+    for n in range(nb):
+        entry_states.append(S)
+        U = U0[:, :, n] - W[:, :, n] @ S
+        S = S + kb[:, :, n].transpose(-1, -2) @ U
+        pseudo_values.append(U)
+    if q is None:
+        return None, S
+    qb = _blocks(q, nb, C) * scale
+    o = qb @ torch.stack(entry_states, 2) + torch.tril(qb @ kb.transpose(-1, -2)) @ torch.stack(
+        pseudo_values, 2
+    )
+    o = o.permute(0, 2, 3, 1, 4).reshape(B, nb * C, H, V)[:, :T]
+    return o.to(q.dtype), S
+
+
+def _documents(cu_seqlens: torch.Tensor) -> list[tuple[int, int]]:
+    cu = cu_seqlens.tolist()
+    return list(zip(cu[:-1], cu[1:]))
+
+
+def chunk_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float,
+    initial_state: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q, k: [B, T, H, K]; v: [B, T, H, V]; beta: [B, T, H]; initial_state: [B, H, K, V] or None.
+    With `cu_seqlens` ([N+1], B = 1) each document runs on its own (the state restarts from
+    `initial_state[n]` or 0) and the final state is [N, H, K, V]. Returns (o like v in q's dtype,
+    final state fp32)."""
+    if cu_seqlens is None:
+        return _chunk_dense(q, k, v, beta, scale, initial_state, chunk_size)
+    outs, finals = [], []
+    for n, (s, e) in enumerate(_documents(cu_seqlens)):
+        h0 = None if initial_state is None else initial_state[n : n + 1]
+        o, final = _chunk_dense(q[:, s:e], k[:, s:e], v[:, s:e], beta[:, s:e], scale, h0, chunk_size)
+        outs.append(o)
+        finals.append(final)
+    return torch.cat(outs, 1), torch.cat(finals, 0)
+
+
+def chunk_delta_rule_affine_map(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    cu_seqlens: torch.Tensor | None = None,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P [N, H, K, K], E [N, H, K, V]), fp32, with S_out = P S_in + E for each row (or document).
+
+    P is the state that the identity becomes with all values zero, E the state from a zero start
+    (MATH.md, "The affine map of a segment"), so both come out of one pass of the state loop over
+    the augmented state [P | E], started from [I | 0] with values [0 | v]."""
+    if cu_seqlens is not None:
+        maps = [
+            chunk_delta_rule_affine_map(k[:, s:e], v[:, s:e], beta[:, s:e], None, chunk_size)
+            for s, e in _documents(cu_seqlens)
+        ]
+        return torch.cat([P for P, _ in maps]), torch.cat([E for _, E in maps])
+    B, _, H, K = k.shape
+    eye = torch.eye(K, dtype=torch.float32, device=k.device).expand(B, H, K, K)
+    start = torch.cat([eye, eye.new_zeros(B, H, K, v.shape[-1])], -1)
+    v_aug = torch.cat([v.new_zeros(*v.shape[:3], K), v], -1)
+    _, final = _chunk_dense(None, k, v_aug, beta, 1.0, start, chunk_size)
+    return final[..., :K], final[..., K:]
