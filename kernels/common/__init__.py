@@ -1,1 +1,3 @@
-"""Pieces shared by the ops of `lmstack_kernels`; each op's folder keeps only its own math."""
+"""Pieces shared by several ops: the chunk layout and state scan of the chunked PyTorch paths
+(`chunked.py`), input checks (`checks.py`), Triton helpers (`triton_utils.py`) and the sm_90
+compile check (`compile_check.py`). Each op's own math stays in its folder."""

@@ -10,16 +10,8 @@ dtype, states in fp32.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-
-def _blocks(x: torch.Tensor, nb: int, C: int) -> torch.Tensor:
-    """[B, T, H, *D] -> [B, H, nb, C, *D] in fp32, zero-padded at the end to nb * C tokens.
-
-    Zero padding is exact here: a padded token (k = 0, β = 0) leaves the state unchanged."""
-    B, T, H = x.shape[:3]
-    x = F.pad(x.float(), (0, 0) * (x.dim() - 3) + (0, 0, 0, nb * C - T))
-    return x.view(B, nb, C, H, *x.shape[3:]).movedim(3, 1)
+from lmstack_kernels.common.chunked import from_chunks, to_chunks
 
 
 def _wy_factors(k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,22 +40,23 @@ def _chunk_dense(
         return (None if q is None else v.new_zeros(v.shape)), S
     C = max(1, min(chunk_size, T))
     nb = -(-T // C)
-    kb, vb, betab = _blocks(k, nb, C), _blocks(v, nb, C), _blocks(beta, nb, C)
+    # Zero padding is exact here: a padded token (k = 0, β = 0) leaves the state unchanged.
+    kb, vb, betab = to_chunks(k, nb, C), to_chunks(v, nb, C), to_chunks(beta[..., None], nb, C)[..., 0]
     W, U0 = _wy_factors(kb, vb, betab)
+    # unbind once: indexing block n of a full tensor in the loop would cost a full-size zero gradient
+    # per block in the backward (quadratic in T).
     entry_states, pseudo_values = [], []
-    for n in range(nb):
+    for k_n, w_n, u0_n in zip(kb.unbind(2), W.unbind(2), U0.unbind(2)):
         entry_states.append(S)
-        U = U0[:, :, n] - W[:, :, n] @ S
-        S = S + kb[:, :, n].transpose(-1, -2) @ U
+        U = u0_n - w_n @ S
+        S = S + k_n.transpose(-1, -2) @ U
         pseudo_values.append(U)
     if q is None:
         return None, S
-    qb = _blocks(q, nb, C) * scale
-    o = qb @ torch.stack(entry_states, 2) + torch.tril(qb @ kb.transpose(-1, -2)) @ torch.stack(
-        pseudo_values, 2
-    )
-    o = o.permute(0, 2, 3, 1, 4).reshape(B, nb * C, H, V)[:, :T]
-    return o.to(q.dtype), S
+    qb = to_chunks(q, nb, C) * scale
+    U = torch.stack(pseudo_values, 2)
+    o = qb @ torch.stack(entry_states, 2) + torch.tril(qb @ kb.transpose(-1, -2)) @ U
+    return from_chunks(o, T).to(q.dtype), S
 
 
 def _documents(cu_seqlens: torch.Tensor) -> list[tuple[int, int]]:

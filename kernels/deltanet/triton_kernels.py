@@ -26,7 +26,15 @@ from __future__ import annotations
 
 import torch
 
-from lmstack_kernels.common.triton_support import HAS_TRITON, interpreting, load_tile, pow2, tl, triton
+from lmstack_kernels.common.triton_utils import (
+    HAS_TRITON,
+    interpreting,
+    launch_opts,
+    load_tile,
+    pow2,
+    tl,
+    triton,
+)
 
 __all__ = ["DeltaRuleFunction", "HAS_TRITON", "interpreting"]
 
@@ -34,17 +42,22 @@ if HAS_TRITON:
 
     @triton.jit
     def _ut_transform(b_kk, b_beta, o_t, BT: tl.constexpr):
-        """(I + tril(diag(β) K Kᵀ, -1))⁻¹ [BT, BT] in fp32 from the Gram matrix b_kk = K Kᵀ, by
-        forward substitution: row i of the strict lower part R of the inverse is
-        R_i = N_i + Σ_{j<i} N_ij R_j with N = −tril(diag(β) K Kᵀ, -1), rows j < i done before."""
+        """(I + tril(diag(β) K Kᵀ, -1))⁻¹ [BT, BT] in fp32 from the Gram matrix b_kk = K Kᵀ, by block
+        doubling (MATH.md, "The UT transform"): with D the inverses of the diagonal blocks of size b,
+        the blocks of size 2b are D − D C D, C the lower-left b-blocks of the matrix. Exact block
+        forward substitution, log2(BT) steps of two matrix multiplies each, in IEEE fp32."""
         strict = o_t[:, None] > o_t[None, :]
-        b_a = -tl.where(strict, b_kk * b_beta[:, None], 0.0)
-        for i in range(1, BT):
-            sel = (o_t == i)[:, None]
-            row = tl.sum(tl.where(sel, b_a, 0.0), 0)  # N_i (zero from column i on)
-            row += tl.sum(row[:, None] * b_a, 0)
-            b_a = tl.where(sel, row[None, :], b_a)
-        return b_a + (o_t[:, None] == o_t[None, :]).to(tl.float32)
+        b_l = tl.where(strict, b_kk * b_beta[:, None], 0.0)
+        b_d = (o_t[:, None] == o_t[None, :]).to(tl.float32)
+        for s in tl.static_range(0, 8):
+            if (1 << s) < BT:
+                lower_left = ((o_t[:, None] >> (s + 1)) == (o_t[None, :] >> (s + 1))) & (
+                    (o_t[:, None] >> s) != (o_t[None, :] >> s)
+                )
+                b_c = tl.where(lower_left & strict, b_l, 0.0)
+                b_cd = tl.dot(b_c, b_d, input_precision="ieee")
+                b_d -= tl.dot(b_d, b_cd, input_precision="ieee")
+        return b_d
 
     @triton.jit
     def _fwd_kernel(
@@ -168,12 +181,6 @@ def tiles(K: int, V: int) -> tuple[int, int]:
     K = 64 to bound the registers of the backward program. Not yet tuned on a GPU."""
     BK = max(16, pow2(K))
     return BK, max(16, min(64 if BK <= 64 else 32, pow2(V)))
-
-
-def launch_opts(BK: int) -> dict:
-    if interpreting():
-        return {}
-    return {"num_warps": 8 if BK >= 64 else 4}
 
 
 def _chunk_offsets(cu: torch.Tensor, BT: int) -> tuple[torch.Tensor, int]:

@@ -9,99 +9,28 @@ from __future__ import annotations
 
 import torch
 
+from lmstack_kernels.common.checks import check_qkv, check_sequences, use_triton
 from lmstack_kernels.lightning.chunk import chunk_lightning_attn
 
 __all__ = ["lightning_attn"]
 
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 
 
 def _validate(q, k, v, decay, initial_state, cu_seqlens, backend, chunk_size) -> None:
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            raise ValueError(
-                f"lightning_attn: {name} must be a 4-D tensor [B, T, H, D], got "
-                f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}"
-            )
-        if x.dtype not in _DTYPES:
-            raise ValueError(
-                f"lightning_attn: {name} has dtype {x.dtype}; expected float32, bfloat16 or float16"
-            )
-        if x.device != q.device:
-            raise ValueError(f"lightning_attn: {name} is on {x.device}, q on {q.device}")
-    if k.shape != q.shape:
-        raise ValueError(
-            f"lightning_attn: k shape {tuple(k.shape)} != q shape {tuple(q.shape)} ([B, T, H, K])"
-        )
-    if v.shape[:3] != q.shape[:3]:
-        raise ValueError(
-            f"lightning_attn: v shape {tuple(v.shape)} must be [B, T, H, V] with B, T, H of q "
-            f"{tuple(q.shape[:3])}"
-        )
-    if not (k.dtype == v.dtype == q.dtype):
-        raise ValueError(f"lightning_attn: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    for name, d in (("key head dim K", K), ("value head dim V", V)):
-        if not MIN_HEAD_DIM <= d <= MAX_HEAD_DIM:
-            raise ValueError(
-                f"lightning_attn: {name} = {d} is not supported; expected {MIN_HEAD_DIM}..{MAX_HEAD_DIM}"
-            )
+    check_qkv("lightning_attn", q, k, v, MIN_HEAD_DIM, MAX_HEAD_DIM)
+    H = q.shape[2]
     if not isinstance(decay, torch.Tensor) or decay.shape != (H,) or not decay.is_floating_point():
         raise ValueError(
             f"lightning_attn: decay must be a float tensor of shape [H] = [{H}] (log λ per head), got "
             f"{tuple(decay.shape) if isinstance(decay, torch.Tensor) else type(decay).__name__}"
         )
-    # Value checks read tensors back to the host: on CUDA that would stall the stream at every call of
-    # every layer, so they run only for CPU tensors (where tests and small runs catch the mistakes).
-    check_values = not q.is_cuda
-    if check_values and (bool((decay > 0).any()) or not bool(torch.isfinite(decay).all())):
+    # Value checks only for CPU tensors (no host sync on CUDA; see lmstack_kernels.common.checks).
+    if not q.is_cuda and (bool((decay > 0).any()) or not bool(torch.isfinite(decay).all())):
         raise ValueError("lightning_attn: decay is log λ and must be finite and ≤ 0 (0 < λ ≤ 1)")
-    n_seq = B
-    if cu_seqlens is not None:
-        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.is_floating_point():
-            raise ValueError("lightning_attn: cu_seqlens must be a 1-D integer tensor [N+1]")
-        if B != 1:
-            raise ValueError(
-                f"lightning_attn: with cu_seqlens the batch must be flattened to B = 1, got B = {B}"
-            )
-        if check_values:
-            cu = cu_seqlens.tolist()
-            if cu[0] != 0 or cu[-1] != T or any(b < a for a, b in zip(cu, cu[1:])):
-                raise ValueError(f"lightning_attn: cu_seqlens must rise from 0 to T = {T}, got {cu}")
-        n_seq = cu_seqlens.numel() - 1
-    if initial_state is not None:
-        if tuple(initial_state.shape) != (n_seq, H, K, V) or not initial_state.is_floating_point():
-            what = "[N, H, K, V] (one per document)" if cu_seqlens is not None else "[B, H, K, V]"
-            raise ValueError(
-                f"lightning_attn: initial_state must be a float tensor {what} = "
-                f"{[n_seq, H, K, V]}, got {tuple(initial_state.shape)}"
-            )
-        if initial_state.device != q.device:
-            raise ValueError(f"lightning_attn: initial_state is on {initial_state.device}, q on {q.device}")
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"lightning_attn: backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    check_sequences("lightning_attn", q, v, initial_state, cu_seqlens, backend)
     if chunk_size is not None and (chunk_size < 16 or chunk_size > 128 or chunk_size & (chunk_size - 1)):
         raise ValueError(f"lightning_attn: chunk_size must be a power of two in 16..128, got {chunk_size}")
-
-
-def _use_triton(q: torch.Tensor, backend: str) -> bool:
-    if backend == "torch":
-        return False
-    from lmstack_kernels.lightning import triton_kernels
-
-    interp = triton_kernels.interpreting()
-    if backend == "triton":
-        if not triton_kernels.HAS_TRITON:
-            raise RuntimeError("lightning_attn: backend='triton' but triton is not installed")
-        if not q.is_cuda and not interp:
-            raise RuntimeError(
-                "lightning_attn: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 "
-                "set before lmstack_kernels.lightning.triton_kernels is imported)"
-            )
-        return True
-    return triton_kernels.HAS_TRITON and q.is_cuda and not interp
 
 
 @torch.compiler.disable
@@ -165,7 +94,7 @@ def lightning_attn(
     _validate(q, k, v, decay, initial_state, cu_seqlens, backend, chunk_size)
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    if _use_triton(q, backend):
+    if use_triton("lightning_attn", q, backend, "lmstack_kernels.lightning.triton_kernels"):
         o, ht = _triton_path(q, k, v, decay, scale, initial_state, output_final_state, cu_seqlens, chunk_size)
     else:
         o, ht = chunk_lightning_attn(

@@ -8,14 +8,8 @@ whatever the input dtype; o comes back in the input dtype, the final state in fp
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-
-def _blocks(x: torch.Tensor, nb: int, C: int) -> torch.Tensor:
-    """[B, T, H, D] -> [B, H, nb, C, D] in fp32, zero-padded at the end to nb * C tokens."""
-    B, T, H, D = x.shape
-    x = F.pad(x.float(), (0, 0, 0, 0, 0, nb * C - T))
-    return x.view(B, nb, C, H, D).permute(0, 3, 1, 2, 4)
+from lmstack_kernels.common.chunked import from_chunks, scan_states, to_chunks
 
 
 def chunk_lightning_attn_dense(
@@ -36,7 +30,7 @@ def chunk_lightning_attn_dense(
         return v.new_zeros(v.shape), h0
     C = max(1, min(chunk_size, T))
     nb = -(-T // C)
-    qb, kb, vb = _blocks(q, nb, C), _blocks(k, nb, C), _blocks(v, nb, C)
+    qb, kb, vb = to_chunks(q, nb, C), to_chunks(k, nb, C), to_chunks(v, nb, C)
     g = decay.float().to(q.device)
     i = torch.arange(C, device=q.device)
     diff = i[:, None] - i[None, :]
@@ -49,18 +43,13 @@ def chunk_lightning_attn_dense(
     lengths[-1] = T - (nb - 1) * C
     to_end = lengths[:, None] - 1 - i[None, :]  # [nb, C]
     k_decay = torch.where(to_end >= 0, torch.exp(g[:, None, None] * to_end.clamp(min=0)), 0.0)  # [H, nb, C]
-    U = torch.einsum("bhnjk,bhnjv->bhnkv", kb * k_decay[None, ..., None], vb)  # [B, H, nb, K, V]
+    U = torch.einsum("bhnjk,bhnjv->nbhkv", kb * k_decay[None, ..., None], vb)  # [nb, B, H, K, V]
     block_decay = torch.exp(g[:, None] * lengths)  # [H, nb]
-    S = q.new_zeros(B, H, K, V, dtype=torch.float32) if initial_state is None else initial_state.float()
-    prev = []
-    for n in range(nb):
-        prev.append(S)
-        S = block_decay[None, :, n, None, None] * S + U[:, :, n]
+    S0 = q.new_zeros(B, H, K, V, dtype=torch.float32) if initial_state is None else initial_state.float()
+    states = scan_states(U, block_decay.T[:, None, :, None], S0)  # [nb + 1, B, H, K, V]
     q_decay = torch.exp(g[:, None] * (i + 1))  # [H, C]: decay of the state entering the block
-    o = o + torch.einsum(
-        "bhnik,bhnkv->bhniv", qb * (scale * q_decay[None, :, None, :, None]), torch.stack(prev, 2)
-    )
-    o = o.permute(0, 2, 3, 1, 4).reshape(B, nb * C, H, V)[:, :T]
+    o = o + torch.einsum("bhnik,nbhkv->bhniv", qb * (scale * q_decay[None, :, None, :, None]), states[:-1])
+    o, S = from_chunks(o, T), states[-1]
     return o.to(q.dtype), S
 
 

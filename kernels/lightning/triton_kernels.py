@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import torch
 
-from lmstack_kernels.common.triton_support import HAS_TRITON, interpreting, load_tile, pow2, tl, triton
-
-__all__ = ["LightningAttnFunction", "HAS_TRITON", "interpreting"]
+from lmstack_kernels.common.triton_utils import HAS_TRITON, interpreting, launch_opts, state_tiles
 
 if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from lmstack_kernels.common.triton_utils import load_tile as _load
 
     @triton.jit
     def _decays(b_g, o_t, n, BT: tl.constexpr):
@@ -66,9 +68,9 @@ if HAS_TRITON:
             n = tl.minimum(L - start, BT)
             m_t = o_t < n
             row = (bos + start + o_t) * H + i_h
-            b_q = load_tile(q + row[:, None] * K + o_k[None, :], m_t[:, None] & m_k[None, :], LOWP)
-            b_k = load_tile(k + row[:, None] * K + o_k[None, :], m_t[:, None] & m_k[None, :], LOWP)
-            b_v = load_tile(v + row[:, None] * V + o_v[None, :], m_t[:, None] & m_v[None, :], LOWP)
+            b_q = _load(q + row[:, None] * K + o_k[None, :], m_t[:, None] & m_k[None, :], LOWP)
+            b_k = _load(k + row[:, None] * K + o_k[None, :], m_t[:, None] & m_k[None, :], LOWP)
+            b_v = _load(v + row[:, None] * V + o_v[None, :], m_t[:, None] & m_v[None, :], LOWP)
             M, q_dec, k_dec = _decays(b_g, o_t, n, BT)
             b_s = tl.dot(b_q, tl.trans(b_k)) * (M * scale)
             b_o = tl.dot(b_s.to(b_v.dtype), b_v)
@@ -109,9 +111,9 @@ if HAS_TRITON:
             n = tl.minimum(L - start, BT)
             m_t = o_t < n
             row = (bos + start + o_t) * H + i_h
-            b_k = load_tile(k + row[:, None] * K + o_k[None, :], m_t[:, None] & m_k[None, :], LOWP)
-            b_v = load_tile(v + row[:, None] * V + o_v[None, :], m_t[:, None] & m_v[None, :], LOWP)
-            b_do = load_tile(do + row[:, None] * V + o_v[None, :], m_t[:, None] & m_v[None, :], LOWP)
+            b_k = _load(k + row[:, None] * K + o_k[None, :], m_t[:, None] & m_k[None, :], LOWP)
+            b_v = _load(v + row[:, None] * V + o_v[None, :], m_t[:, None] & m_v[None, :], LOWP)
+            b_do = _load(do + row[:, None] * V + o_v[None, :], m_t[:, None] & m_v[None, :], LOWP)
             M, q_dec, k_dec = _decays(b_g, o_t, n, BT)
             b_dp = tl.dot(b_do, tl.trans(b_v)) * (M * scale)
             b_dq = tl.dot(b_dp.to(b_k.dtype), b_k)
@@ -155,9 +157,9 @@ if HAS_TRITON:
             n = tl.minimum(L - start, BT)
             m_t = o_t < n
             row = (bos + start + o_t) * H + i_h
-            b_q = load_tile(q + row[:, None] * K + o_k[None, :], m_t[:, None] & m_k[None, :], LOWP)
-            b_v = load_tile(v + row[:, None] * V + o_v[None, :], m_t[:, None] & m_v[None, :], LOWP)
-            b_do = load_tile(do + row[:, None] * V + o_v[None, :], m_t[:, None] & m_v[None, :], LOWP)
+            b_q = _load(q + row[:, None] * K + o_k[None, :], m_t[:, None] & m_k[None, :], LOWP)
+            b_v = _load(v + row[:, None] * V + o_v[None, :], m_t[:, None] & m_v[None, :], LOWP)
+            b_do = _load(do + row[:, None] * V + o_v[None, :], m_t[:, None] & m_v[None, :], LOWP)
             M, q_dec, k_dec = _decays(b_g, o_t, n, BT)
             b_dp = tl.dot(b_do, tl.trans(b_v)) * (M * scale)  # [i, j]
             b_dk = tl.dot(tl.trans(b_dp.to(b_q.dtype)), b_q)
@@ -200,9 +202,9 @@ if HAS_TRITON:
             n = tl.minimum(L - start, BT)
             m_t = o_t < n
             row = (bos + start + o_t) * H + i_h
-            b_q = load_tile(q + row[:, None] * K + o_k[None, :], m_t[:, None] & m_k[None, :], LOWP)
-            b_k = load_tile(k + row[:, None] * K + o_k[None, :], m_t[:, None] & m_k[None, :], LOWP)
-            b_do = load_tile(do + row[:, None] * V + o_v[None, :], m_t[:, None] & m_v[None, :], LOWP)
+            b_q = _load(q + row[:, None] * K + o_k[None, :], m_t[:, None] & m_k[None, :], LOWP)
+            b_k = _load(k + row[:, None] * K + o_k[None, :], m_t[:, None] & m_k[None, :], LOWP)
+            b_do = _load(do + row[:, None] * V + o_v[None, :], m_t[:, None] & m_v[None, :], LOWP)
             M, q_dec, k_dec = _decays(b_g, o_t, n, BT)
             b_s = tl.dot(b_q, tl.trans(b_k)) * (M * scale)  # [i, j]
             b_dv = tl.dot(tl.trans(b_s.to(b_do.dtype)), b_do)
@@ -217,20 +219,6 @@ if HAS_TRITON:
             )
 
 
-def _tiles(full: int, other: int) -> tuple[int, int]:
-    """(padded full dim, tile of the other dim) of a kernel's state block [full, tile]: the tile is
-    64 for full ≤ 64 and 32 above, which kept register spills small in sm_90 compiles with
-    triton 3.9 (ptxas -v; e.g. K = V = 64: no spills). Not yet tuned on a GPU."""
-    f = max(16, pow2(full))
-    return f, max(16, min(64, pow2(other), max(32, 4096 // f)))
-
-
-def _launch_opts(f: int) -> dict:
-    if interpreting():
-        return {}
-    return {"num_warps": 8 if f >= 32 else 4}
-
-
 def lightning_fwd(q, k, v, g, scale, h0, cu, output_final_state, BT):
     """q, k: [1, TT, H, K]; v: [1, TT, H, V] contiguous; g: [H] fp32; h0: [N, H, K, V] fp32 or None;
     cu: [N+1] int32 on q's device. Returns (o like v, final state fp32 or None)."""
@@ -240,10 +228,10 @@ def lightning_fwd(q, k, v, g, scale, h0, cu, output_final_state, BT):
     lowp = q.dtype != torch.float32 and not interpreting()
     o = torch.empty_like(v)
     ht = q.new_empty(N, H, K, V, dtype=torch.float32) if output_final_state else None
-    BK, BV = _tiles(K, V)
+    BK, BV = state_tiles(K, V)
     _fwd_kernel[(N * H, triton.cdiv(V, BV))](
         q, k, v, g, h0, o, ht, cu, scale, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
-        USE_H0=h0 is not None, STORE_HT=output_final_state, LOWP=lowp, **_launch_opts(BK),
+        USE_H0=h0 is not None, STORE_HT=output_final_state, LOWP=lowp, **launch_opts(BK),
     )  # fmt: skip
     return o, ht
 
@@ -257,19 +245,19 @@ def lightning_bwd(q, k, v, g, scale, h0, cu, do, dht, need_dh0, BT):
     do = do.contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dh0 = q.new_empty(N, H, K, V, dtype=torch.float32) if need_dh0 else None
-    BVf, BKt = _tiles(V, K)
+    BVf, BKt = state_tiles(V, K)
     _bwd_dq_kernel[(N * H, triton.cdiv(K, BKt))](
         k, v, g, h0, do, dq, cu, scale, H=H, K=K, V=V, BT=BT, BK=BKt, BV=BVf,
-        USE_H0=h0 is not None, LOWP=lowp, **_launch_opts(BVf),
+        USE_H0=h0 is not None, LOWP=lowp, **launch_opts(BVf),
     )  # fmt: skip
     _bwd_dk_kernel[(N * H, triton.cdiv(K, BKt))](
         q, v, g, dht, do, dk, dh0, cu, scale, H=H, K=K, V=V, BT=BT, BK=BKt, BV=BVf,
-        USE_DHT=dht is not None, STORE_DH0=need_dh0, LOWP=lowp, **_launch_opts(BVf),
+        USE_DHT=dht is not None, STORE_DH0=need_dh0, LOWP=lowp, **launch_opts(BVf),
     )  # fmt: skip
-    BKf, BVt = _tiles(K, V)
+    BKf, BVt = state_tiles(K, V)
     _bwd_dv_kernel[(N * H, triton.cdiv(V, BVt))](
         q, k, g, dht, do, dv, cu, scale, H=H, K=K, V=V, BT=BT, BK=BKf, BV=BVt,
-        USE_DHT=dht is not None, LOWP=lowp, **_launch_opts(BKf),
+        USE_DHT=dht is not None, LOWP=lowp, **launch_opts(BKf),
     )  # fmt: skip
     return dq, dk, dv, dh0
 

@@ -1,0 +1,72 @@
+"""Triton helpers shared by the ops' kernels: the import guard, the interpreter switch, a masked
+tile load, tile sizes and launch options.
+
+Triton is imported under a guard: without it `HAS_TRITON` is False and only the PyTorch paths of
+the ops are usable (exported models load where only torch is installed).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+
+def interpreting() -> bool:
+    """Triton's CPU interpreter is on (read by @triton.jit when a kernel module is imported)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def load_tile(ptr, mask, LOWP: tl.constexpr):
+        """Masked load (0 outside); kept 16-bit only when LOWP (GPU tl.dot operands), else fp32:
+        the interpreter's bf16 arithmetic is wrong, and fp32 inputs stay fp32."""
+        x = tl.load(ptr, mask=mask, other=0.0)
+        if not LOWP:
+            x = x.to(tl.float32)
+        return x
+
+
+def pow2(n: int) -> int:
+    """The smallest power of two ≥ n (1 for n ≤ 1)."""
+    return 1 << max(0, n - 1).bit_length()
+
+
+def state_tiles(full: int, other: int) -> tuple[int, int]:
+    """(padded full dim, tile of the other dim) of a kernel's state block [full, tile]: the tile is
+    64 for full ≤ 64 and 32 above, which kept register spills small in sm_90 compiles with
+    triton 3.9 (ptxas -v; e.g. K = V = 64: no spills). Not yet tuned on a GPU."""
+    f = max(16, pow2(full))
+    return f, max(16, min(64, pow2(other), max(32, 4096 // f)))
+
+
+def launch_opts(f: int) -> dict:
+    """num_warps for a state block whose padded full dim is f (none when interpreting)."""
+    if interpreting():
+        return {}
+    return {"num_warps": 8 if f >= 32 else 4}
+
+
+def flatten_varlen(tensors, cu_seqlens):
+    """Flatten [B, T, H, D] tensors to contiguous [1, B*T, H, D] and return the int32 `cu_seqlens`
+    the kernels address sequences with (a dense batch is B documents of length T)."""
+    B, T = tensors[0].shape[:2]
+    device = tensors[0].device
+    if cu_seqlens is None:
+        cu = (torch.arange(B + 1, device=device) * T).to(torch.int32)
+    else:
+        cu = cu_seqlens.to(device=device, dtype=torch.int32).contiguous()
+    flat = [x.reshape(1, B * T, *x.shape[2:]).contiguous() for x in tensors]
+    return flat, cu
