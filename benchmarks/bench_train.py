@@ -7,7 +7,7 @@ size, batch and sequence length, in one run.
 Variants (each in its own process, so peak memory is its own):
 - hf_llama:        LlamaForCausalLM (SDPA attention), a plain PyTorch loop;
 - lmstack:         lmstack.model.LM, the same loop (plain causal rows);
-- lmstack_packed:  the same with packed-document masks (Segments), as the trainer feeds it;
+- lmstack_packed:  the same with packed documents (a BatchContext), as the trainer feeds it;
 - lmstack_trainer: the full `lmstack train` path: DeepSpeed engine (ZeRO 0), synthetic packed data,
                    the NaN guard's all-reduce, logging (tokens/s taken from its metrics.jsonl).
 The plain loops: forward, fp32 cross-entropy over the logits, backward, clip to 1.0, AdamW (same
@@ -57,7 +57,7 @@ def _model_config(a):
     return ModelConfig.from_dict(
         dict(
             vocab_size=a.vocab, d_model=a.d_model, n_layers=a.n_layers, n_heads=a.n_heads,
-            max_seq_len=a.seq, tie_embeddings=True, mixer="attention",
+            max_seq_len=a.seq, tie_embeddings=True, mixer=a.mixer,
         )
     )  # fmt: skip
 
@@ -80,7 +80,7 @@ def run_variant(a) -> dict:
     import torch.nn.functional as F
     import transformers  # noqa: F401  (same import baseline in every variant)
 
-    from lmstack.model import LM, Segments
+    from lmstack.model import LM, BatchContext
 
     torch.manual_seed(0)
     cuda = torch.cuda.is_available()
@@ -102,11 +102,11 @@ def run_variant(a) -> dict:
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, cfg.vocab_size, (a.batch, a.seq + 1), generator=g).to(device)
     inputs, labels = ids[:, :-1], ids[:, 1:]
-    segments = None
+    context = None
     if a.variant == "lmstack_packed":  # ~4 documents per row
         starts = torch.rand(a.batch, a.seq, generator=g) < 4 / a.seq
         starts[:, 0] = False
-        segments = Segments.from_doc_ids(starts.long().cumsum(1).to(device))
+        context = BatchContext.from_doc_ids(starts.long().cumsum(1), device)
     del TrainConfig
 
     def step():
@@ -114,7 +114,7 @@ def run_variant(a) -> dict:
             if a.variant == "hf_llama":
                 logits = model(input_ids=inputs).logits
             else:
-                logits, _ = model(inputs, segments=segments)
+                logits = model(inputs, context).logits
         loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -211,8 +211,9 @@ def _spawn(a, variant: str) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         result_path = f.name
     cmd = [sys.executable, __file__, "--variant", variant, "--result", result_path]
-    cmd += [f"--{k.replace('_', '-')}={getattr(a, k)}" for k in PRESETS["cpu"]]
-    env = dict(os.environ, PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false")
+    cmd += [f"--{k.replace('_', '-')}={getattr(a, k)}" for k in PRESETS["cpu"]] + [f"--mixer={a.mixer}"]
+    pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, PYTHONPATH=pythonpath, TOKENIZERS_PARALLELISM="false")
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -233,6 +234,9 @@ def main() -> None:
         p.add_argument(f"--{key.replace('_', '-')}", type=int, default=None)
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument(
+        "--mixer", default="attention", help="token mixer of the lmstack variants (hf_llama: attention only)"
+    )
+    p.add_argument(
         "--rounds", type=int, default=2, help="all variants this many times, interleaved; best kept"
     )
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/train_{cpu,gpu}.json)")
@@ -248,6 +252,8 @@ def main() -> None:
         if getattr(a, key) is None:
             setattr(a, key, value)
 
+    if not a.variant and a.mixer != "attention" and "hf_llama" in a.variants.split(","):
+        p.error(f"--mixer {a.mixer}: hf_llama is softmax attention only; leave it out of --variants")
     if a.variant:  # child process
         Path(a.result).write_text(json.dumps(run_variant(a)))
         return
@@ -281,6 +287,7 @@ def main() -> None:
         "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
         "precision": "bf16 autocast" if cuda else "fp32",
         "shape": {k: getattr(a, k) for k in PRESETS["cpu"]},
+        "mixer": a.mixer,
         "rounds": a.rounds,
         "results": results,
     }

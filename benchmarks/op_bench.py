@@ -133,31 +133,38 @@ def peak_mib(device: torch.device, fn: Callable[[], object], inputs: list[torch.
     return mode.peak / 2**20
 
 
-def bench_one(
-    name, fn, inputs: list[torch.Tensor], do: torch.Tensor, device, B, T, warmup, reps, stat
+def measure(
+    fn: Callable[[], torch.Tensor],
+    params: list[torch.Tensor],
+    do: torch.Tensor,
+    tokens: int,
+    device,
+    warmup,
+    reps,
+    stat,
 ) -> dict:
-    """Forward, backward and forward+backward of fn(*inputs) -> o (inputs: leaves with gradients)."""
+    """Forward (no grad), backward and forward+backward times of `fn() -> o` and their peak memory;
+    `params` are the leaves that take gradients, `do` the gradient of o, `tokens` the tokens per call."""
 
     def forward(_=None):
         with torch.no_grad():
-            return fn(*inputs)
+            return fn()
 
     def make_graph():
-        for x in inputs:
+        for x in params:
             x.grad = None
-        return fn(*inputs)
+        return fn()
 
     def fwd_bwd(_=None):
         make_graph().backward(do)
 
-    row = {"method": name, "B": B, "T": T}
-    row["fwd_ms"] = timer(device, forward, None, warmup, reps, stat)
+    row = {"fwd_ms": timer(device, forward, None, warmup, reps, stat)}
     row["bwd_ms"] = timer(device, lambda o: o.backward(do), make_graph, warmup, reps, stat)
     row["fwdbwd_ms"] = timer(device, fwd_bwd, None, warmup, reps, stat)
-    row["fwd_peak_mib"] = peak_mib(device, forward, [*inputs, do])
-    row["fwdbwd_peak_mib"] = peak_mib(device, fwd_bwd, [*inputs, do])
-    row["fwd_tokens_per_s"] = B * T / (row["fwd_ms"] / 1e3)
-    row["fwdbwd_tokens_per_s"] = B * T / (row["fwdbwd_ms"] / 1e3)
+    row["fwd_peak_mib"] = peak_mib(device, forward, [*params, do])
+    row["fwdbwd_peak_mib"] = peak_mib(device, fwd_bwd, [*params, do])
+    row["fwd_tokens_per_s"] = tokens / (row["fwd_ms"] / 1e3)
+    row["fwdbwd_tokens_per_s"] = tokens / (row["fwdbwd_ms"] / 1e3)
     return row
 
 
@@ -263,8 +270,10 @@ def run(
             B = max(1, args.tokens_per_batch // T) if args.tokens_per_batch else args.B
             inputs = make_inputs(B, T, args.H, args.D, dtype, device)
             do = torch.randn_like(inputs[2])
+            row = {"method": name, "B": B, "T": T}
             try:
-                row = bench_one(name, fn, inputs, do, device, B, T, args.warmup, args.reps, args.stat)
+                call = lambda fn=fn, inputs=inputs: fn(*inputs)
+                row.update(measure(call, inputs, do, B * T, device, args.warmup, args.reps, args.stat))
             except torch.OutOfMemoryError:
                 row = {"method": name, "B": B, "T": T, "error": "out of memory"}
                 torch.cuda.empty_cache()

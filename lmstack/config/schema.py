@@ -145,6 +145,9 @@ class TrainConfig:
     dist_timeout_s: int = 600
     # Peak FLOP/s of one device for MFU; null: looked up by device name (none on CPU: MFU not reported).
     peak_flops: float | None = None
+    # Coefficients of the mixers' auxiliary losses by name (e.g. moh_balance: 0.01); unset names keep
+    # the default the mixer declares. The loss adds coefficient x (sum over layers) per micro-batch.
+    aux_loss_weights: dict[str, float] = field(default_factory=dict)
 
     def validate(self, prefix: str = "") -> None:
         def fail(name: str, msg: str) -> None:

@@ -165,7 +165,7 @@ def state_size(model, seq_len: int, layer: int = 1) -> int:
     was_training = model.training
     model.eval()
     ids = torch.zeros(1, seq_len, dtype=torch.long, device=next(model.parameters()).device)
-    _, cache = model(ids, use_cache=True)
+    cache = model(ids, use_cache=True).cache
     model.train(was_training)
     return _tensor_elements(cache.states[layer], 1)
 
@@ -177,7 +177,7 @@ def accuracy(model, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int 
     correct = total = 0
     for i in range(0, len(inputs), batch_size):
         x, y = inputs[i : i + batch_size], labels[i : i + batch_size]
-        logits, _ = model(x)
+        logits = model(x).logits
         mask = y != IGNORE
         correct += (logits.argmax(-1)[mask] == y[mask]).sum().item()
         total += mask.sum().item()
@@ -235,7 +235,7 @@ def train_one(
             idx = perm[b * settings.batch_size : (b + 1) * settings.batch_size]
             for group in opt.param_groups:
                 group["lr"] = lr_at(step)
-            logits, _ = model(xtr[idx])
+            logits = model(xtr[idx]).logits
             loss = F.cross_entropy(logits.flatten(0, 1), ytr[idx].flatten(), ignore_index=IGNORE)
             opt.zero_grad(set_to_none=True)
             loss.backward()

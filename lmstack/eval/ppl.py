@@ -55,7 +55,7 @@ def perplexity(
     dtype: torch.dtype = torch.float32,
 ) -> dict[str, Any]:
     from lmstack.data import ValReader
-    from lmstack.model import Segments
+    from lmstack.model import BatchContext
 
     reader = ValReader(data_dir, seq_len, batch_size, split=split)
     vocab = getattr(reader.index, "vocab_size", None)
@@ -71,8 +71,7 @@ def perplexity(
     start = time.perf_counter()
     for batch in reader:
         ids = batch.input_ids.to(device)
-        segments = Segments.from_doc_ids(batch.doc_ids.to(device))
-        logits, _ = model(ids, segments=segments)
+        logits = model(ids, BatchContext.from_doc_ids(batch.doc_ids, device)).logits
         labels = batch.labels.to(device)
         nll += F.cross_entropy(
             logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum"

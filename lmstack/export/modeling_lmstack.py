@@ -28,7 +28,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from lmstack.export.configuration_lmstack import LMStackConfig
 from lmstack.model.lm import LM, LMCache
-from lmstack.model.mixers.base import Segments
+from lmstack.model.mixers.base import BatchContext
 
 # transformers >= 5.2x renamed `past_key_values` to `cache` (outputs and generate's model kwargs).
 _OUTPUT_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -245,15 +245,16 @@ class LMStackForCausalLM(LMStackPreTrainedModel, GenerationMixin):
         if use_cache is None:
             use_cache = bool(getattr(self.config, "use_cache", True)) and not self.training and not padded
         past = lm_cache.seen_tokens if lm_cache is not None else 0
-        segments = None
+        context = None
         if padded:
             if use_cache or past:
                 raise ValueError(
                     "attention_mask has padding: not supported while decoding with a cache "
                     "(generate padded prompts one at a time, or call with use_cache=False)"
                 )
-            segments = Segments.from_doc_ids(attention_mask[:, -input_ids.shape[1] :].long())
-        logits, new_lm_cache = self.model(input_ids, segments=segments, cache=lm_cache, use_cache=use_cache)
+            doc_ids = attention_mask[:, -input_ids.shape[1] :].long()
+            context = BatchContext.from_doc_ids(doc_ids, input_ids.device)
+        logits, new_lm_cache, _ = self.model(input_ids, context, cache=lm_cache, use_cache=use_cache)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(

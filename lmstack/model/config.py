@@ -1,12 +1,14 @@
 """The model configuration: sizes, the per-layer token-mixer pattern, and each mixer's options.
 
 Layer pattern, in order of precedence:
-- `layer_mixers`: an explicit list with one registry name per layer;
+- `layer_mixers`: an explicit list with one entry per layer: a registry name, or a mapping with the
+  key `mixer` and that layer's own options, e.g. `{mixer: swa, window: 512}`;
 - otherwise every layer uses `mixer`, except that with `attention_every: k` layers k-1, 2k-1, ...
   (every k-th layer, counted from 1) use softmax `attention` — the usual hybrid recipe.
 
-`mixer_options` maps a mixer name to its options; each mixer declares them as a dataclass
-(`TokenMixer.Options`), so a misspelt option is caught like any other key.
+Options of a layer: the mixer's defaults, overridden by `mixer_options.<name>` (all layers of that
+mixer), overridden by the layer's own entry. Each mixer declares them as a dataclass
+(`TokenMixer.Options`), so a misspelt option is caught like any other key, naming the layer.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ class ModelConfig:
     tie_embeddings: bool = True
     init_std: float = 0.02
     mixer: str = "attention"
-    layer_mixers: list[str] | None = None
+    layer_mixers: list[str | dict[str, Any]] | None = None
     attention_every: int = 0
     mixer_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     bos_token_id: int | None = None
@@ -59,18 +61,33 @@ class ModelConfig:
         m = self.mlp_multiple_of
         return -(-(8 * self.d_model // 3) // m) * m
 
-    def mixer_for_layer(self, layer_idx: int) -> str:
+    def _layer_entry(self, layer_idx: int) -> tuple[str, dict[str, Any]]:
+        """(mixer name, the layer's own options) of layer `layer_idx`."""
         if self.layer_mixers is not None:
-            return self.layer_mixers[layer_idx]
+            entry = self.layer_mixers[layer_idx]
+            if isinstance(entry, dict):
+                return entry.get("mixer", ""), {k: v for k, v in entry.items() if k != "mixer"}
+            return entry, {}
         if self.attention_every and (layer_idx + 1) % self.attention_every == 0:
-            return "attention"
-        return self.mixer
+            return "attention", {}
+        return self.mixer, {}
+
+    def mixer_for_layer(self, layer_idx: int) -> str:
+        return self._layer_entry(layer_idx)[0]
 
     def mixer_options_for(self, name: str) -> Any:
         """The typed options dataclass of mixer `name` (its defaults overridden by `mixer_options`)."""
         from lmstack.model.mixers import get_mixer
 
         return from_dict(get_mixer(name).Options, self.mixer_options.get(name, {}), f"mixer_options.{name}.")
+
+    def layer_options(self, layer_idx: int, prefix: str = "") -> Any:
+        """The typed options of layer `layer_idx`: defaults < `mixer_options.<name>` < the layer's entry."""
+        from lmstack.model.mixers import get_mixer
+
+        name, own = self._layer_entry(layer_idx)
+        options = {**self.mixer_options.get(name, {}), **own}
+        return from_dict(get_mixer(name).Options, options, f"{prefix}layer_mixers[{layer_idx}].")
 
     def validate(self, prefix: str = "") -> None:
         from lmstack.model.mixers import MIXERS
@@ -98,7 +115,10 @@ class ModelConfig:
                     "layer_mixers",
                     f"expected {self.n_layers} entries (n_layers), got {len(self.layer_mixers)}",
                 )
-            names += [(f"layer_mixers[{i}]", m) for i, m in enumerate(self.layer_mixers)]
+            for i, entry in enumerate(self.layer_mixers):
+                if isinstance(entry, dict) and not isinstance(entry.get("mixer"), str):
+                    fail(f"layer_mixers[{i}].mixer", "expected a mixer name (e.g. {mixer: attention, ...})")
+                names.append((f"layer_mixers[{i}]", self.mixer_for_layer(i)))
         for where, name in names:
             if name not in MIXERS:
                 close = difflib.get_close_matches(name, list(MIXERS), n=1)
@@ -107,13 +127,10 @@ class ModelConfig:
         for name in self.mixer_options:
             if name not in MIXERS:
                 fail(f"mixer_options.{name}", f"unknown mixer; registered: {', '.join(sorted(MIXERS))}")
-        used = {self.mixer_for_layer(i) for i in range(self.n_layers)}
-        for name in used | set(self.mixer_options):
-            from_dict(
-                MIXERS[name].Options, self.mixer_options.get(name, {}), f"{prefix}mixer_options.{name}."
-            )
-        for name in sorted(used):
-            MIXERS[name].validate_config(self, prefix)
+            from_dict(MIXERS[name].Options, self.mixer_options[name], f"{prefix}mixer_options.{name}.")
+        for i in range(self.n_layers):
+            name = self.mixer_for_layer(i)
+            MIXERS[name].validate_config(self, self.layer_options(i, prefix), prefix)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], prefix: str = "") -> ModelConfig:

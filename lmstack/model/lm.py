@@ -1,6 +1,8 @@
 """The decoder-only language model: the whole forward pass is in this file.
 
     tokens -> embedding -> N x [x + mixer(norm(x)); x + mlp(norm(x))] -> norm -> lm_head -> logits
+                                    |  reads the BatchContext (documents, positions, slices)
+                                    '-> state (cache), aux (auxiliary losses, statistics)
 
 Initialisation (GPT-2 / Megatron style): every Linear and the embedding ~ N(0, init_std); the
 projections that write into the residual stream (marked `is_residual_out`: mixer output, MLP down)
@@ -12,14 +14,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lmstack.model.config import ModelConfig
-from lmstack.model.mixers import Segments, TokenMixer, get_mixer
+from lmstack.model.mixers import BatchContext, MixerOutput, TokenMixer, get_mixer
 
 
 class RMSNorm(nn.Module):
@@ -51,16 +53,25 @@ class Block(nn.Module):
         super().__init__()
         name = config.mixer_for_layer(layer_idx)
         self.mixer_norm = RMSNorm(config.d_model, config.norm_eps)
-        self.mixer: TokenMixer = get_mixer(name)(config, layer_idx, config.mixer_options_for(name))
+        self.mixer: TokenMixer = get_mixer(name)(config, layer_idx, config.layer_options(layer_idx))
         self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
         self.mlp = SwiGLU(config.d_model, config.ffn_hidden)
 
     def forward(
-        self, x: torch.Tensor, segments: Segments | None, state: Any, use_cache: bool
-    ) -> tuple[torch.Tensor, Any]:
-        mixed, state = self.mixer(self.mixer_norm(x), segments=segments, state=state, use_cache=use_cache)
-        x = x + mixed
-        return x + self.mlp(self.mlp_norm(x)), state
+        self, x: torch.Tensor, context: BatchContext, state: Any, use_cache: bool
+    ) -> tuple[torch.Tensor, Any, dict[str, torch.Tensor]]:
+        mixed: MixerOutput = self.mixer(self.mixer_norm(x), context, state, use_cache)
+        x = x + mixed.y
+        return x + self.mlp(self.mlp_norm(x)), mixed.state, mixed.aux
+
+
+class LMOutput(NamedTuple):
+    """logits: [B, T, V] (or final hidden states [B, T, D]); cache: LMCache or None;
+    aux: the mixers' auxiliary losses and statistics as `{"<name>/layer<i>": scalar}`."""
+
+    logits: torch.Tensor
+    cache: LMCache | None
+    aux: dict[str, torch.Tensor]
 
 
 @dataclass
@@ -104,27 +115,30 @@ class LM(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,
-        segments: Segments | None = None,
+        context: BatchContext | None = None,
         cache: LMCache | None = None,
         use_cache: bool = False,
         return_hidden: bool = False,
-    ) -> tuple[torch.Tensor, LMCache | None]:
-        """input_ids: [B, T] -> (logits: [B, T, V] (or final hidden states [B, T, D]), cache).
+    ) -> LMOutput:
+        """input_ids: [B, T] -> LMOutput(logits [B, T, V] (or hidden states [B, T, D]), cache, aux).
 
-        `segments` marks packed documents; `cache` continues a sequence (each row one document).
+        `context` describes packed documents and slices (built once per batch on the host); without
+        one, every row is one document that continues `cache` (after `cache.seen_tokens` tokens).
         """
+        B, T = input_ids.shape
+        seen = cache.seen_tokens if cache is not None else 0
+        if context is None:
+            context = BatchContext.for_rows(B, T, input_ids.device, offset=seen)
         x = self.embed(input_ids)
         states = cache.states if cache is not None and cache.states else [None] * len(self.blocks)
-        new_states = []
-        for block, state in zip(self.blocks, states):
-            x, state = block(x, segments, state, use_cache)
+        new_states, aux = [], {}
+        for i, (block, state) in enumerate(zip(self.blocks, states)):
+            x, state, layer_aux = block(x, context, state, use_cache)
             new_states.append(state)
+            aux.update({f"{name}/layer{i}": value for name, value in layer_aux.items()})
         x = self.norm(x)
-        new_cache = None
-        if use_cache:
-            seen = cache.seen_tokens if cache is not None else 0
-            new_cache = LMCache(new_states, seen + input_ids.shape[1])
-        return (x if return_hidden else self.lm_head(x)), new_cache
+        new_cache = LMCache(new_states, seen + T) if use_cache else None
+        return LMOutput(x if return_hidden else self.lm_head(x), new_cache, aux)
 
     def num_params(self, non_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())

@@ -18,7 +18,7 @@ from lmstack.config import dump_config
 from lmstack.config.schema import RunConfig
 from lmstack.data.reader import IGNORE_INDEX
 from lmstack.errors import LMStackError
-from lmstack.model import LM, Segments
+from lmstack.model import LM, BatchContext
 from lmstack.train import distributed
 from lmstack.train.checkpoint import Checkpointer, complete_tags, fault, latest_tag
 from lmstack.train.data import DataSource, check_prepared, prepared_source
@@ -86,12 +86,30 @@ def _use_activation_checkpointing(model: LM) -> None:
         forward = block.forward
 
         @functools.wraps(forward)
-        def wrapped(x, segments=None, state=None, use_cache=False, _forward=forward):
+        def wrapped(x, context, state=None, use_cache=False, _forward=forward):
             if use_cache or not torch.is_grad_enabled():
-                return _forward(x, segments, state, use_cache)
-            return checkpoint(_forward, x, segments, state, use_cache, use_reentrant=False)
+                return _forward(x, context, state, use_cache)
+            # The block's aux losses are outputs of the checkpointed call: counted once, not again
+            # when the backward pass recomputes the block.
+            return checkpoint(_forward, x, context, state, use_cache, use_reentrant=False)
 
         block.forward = wrapped
+
+
+def aux_loss_weights(model: LM, overrides: dict[str, float]) -> dict[str, float]:
+    """Coefficient of each auxiliary loss the model's mixers declare: their defaults, overridden by
+    `train.aux_loss_weights` (a name no mixer of this model declares is an error)."""
+    weights: dict[str, float] = {}
+    for block in model.blocks:
+        weights.update(type(block.mixer).aux_losses)
+    for name, value in overrides.items():
+        if name not in weights:
+            known = ", ".join(sorted(weights)) or "none"
+            raise LMStackError(
+                f"train.aux_loss_weights.{name}: no mixer of this model emits that loss; emitted: {known}"
+            )
+        weights[name] = value
+    return weights
 
 
 def zero_stage_for(stage: int, bf16: bool) -> int:
@@ -179,6 +197,8 @@ class Trainer:
         _seed_all(t.seed)  # same initial weights on every rank
         model = LM(config.model)
         self.flops_per_token = model.flops_per_token(self.seq_len)
+        self.aux_weights = aux_loss_weights(model, t.aux_loss_weights)
+        self.aux_sums: dict[str, torch.Tensor] = {}
         self.n_params = model.num_params(non_embedding=False)
         if t.activation_checkpointing:
             _use_activation_checkpointing(model)
@@ -263,16 +283,24 @@ class Trainer:
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
 
-    def _forward_loss(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sum of token losses, number of labelled tokens) of one micro-batch."""
+    def _forward_loss(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(sum of token losses, number of labelled tokens, weighted auxiliary loss) of one micro-batch.
+
+        The batch context is built here, on the host, once per micro-batch; every aux value is
+        accumulated (detached) into `self.aux_sums` for the step's metrics."""
         ids = batch.input_ids.to(self.device, non_blocking=True)
         labels = batch.labels.to(self.device, non_blocking=True)
-        segments = Segments.from_doc_ids(batch.doc_ids.to(self.device, non_blocking=True))
-        logits, _ = self.engine(ids, segments=segments)
+        out = self.engine(ids, BatchContext.from_doc_ids(batch.doc_ids, self.device))
         loss_sum = F.cross_entropy(
-            logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+            out.logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
         )
-        return loss_sum, (labels != IGNORE_INDEX).sum()
+        aux_loss = torch.zeros((), device=self.device)
+        for key, value in out.aux.items():
+            name = key.split("/")[0]
+            if name in self.aux_weights:
+                aux_loss = aux_loss + self.aux_weights[name] * value.float()
+            self.aux_sums[key] = self.aux_sums.get(key, 0.0) + value.detach().float()
+        return loss_sum, (labels != IGNORE_INDEX).sum(), aux_loss
 
     def train_step(self) -> dict[str, Any]:
         """One optimizer step (grad_accum micro-batches). Returns its metrics."""
@@ -284,9 +312,11 @@ class Trainer:
         acc_loss = torch.zeros((), device=self.device)
         bad = torch.zeros((), device=self.device)
         nan_here = _fault_steps("nan_at").__contains__(self.step + 1) and self.dist.is_main
+        self.aux_sums = {}
         for micro in range(self.grad_accum):
-            loss_sum, n_tokens = self._forward_loss(next(self.data.train))
-            loss = loss_sum / n_tokens.clamp_min(1)
+            loss_sum, n_tokens, aux_loss = self._forward_loss(next(self.data.train))
+            lm_loss = loss_sum / n_tokens.clamp_min(1)
+            loss = lm_loss + aux_loss
             if nan_here:
                 loss = loss * float("nan")
             finite = torch.isfinite(loss.detach())
@@ -294,7 +324,7 @@ class Trainer:
             # consistently on all ranks (DeepSpeed's overflow check with ZeRO, below without).
             nan = torch.full((), float("nan"), device=self.device)
             self.engine.backward(loss * torch.where(finite, torch.ones_like(nan), nan))
-            acc_loss += torch.where(finite, loss.detach(), torch.zeros_like(acc_loss))
+            acc_loss += torch.where(finite, lm_loss.detach(), torch.zeros_like(acc_loss))
             bad += (~finite).float()
             if micro < self.grad_accum - 1:
                 self.engine.step()  # DeepSpeed counts micro-steps; no update before the boundary
@@ -329,6 +359,7 @@ class Trainer:
         self.tokens += self.tokens_per_step
         n = self.grad_accum * self.dist.world_size
         return {
+            **self._aux_metrics(n),
             "loss": float("nan") if skipped else loss_total / n,
             "lr": lr,
             "grad_norm": grad_norm,
@@ -336,6 +367,22 @@ class Trainer:
             "time": time.perf_counter() - t0,
             "cpu_time": time.process_time() - c0,
         }
+
+    def _aux_metrics(self, n_micro: int) -> dict[str, float]:
+        """The step's mean aux values over all micro-batches and ranks, as `aux/<name>/layer<i>`, and
+        for each auxiliary loss its sum over layers as `aux/<name>` (what the loss adds, unweighted)."""
+        import torch.distributed as dist
+
+        if not self.aux_sums:
+            return {}
+        keys = sorted(self.aux_sums)
+        values = torch.stack([self.aux_sums[k] for k in keys])
+        dist.all_reduce(values)
+        means = dict(zip(keys, (values / n_micro).tolist()))
+        metrics = {f"aux/{k}": v for k, v in means.items()}
+        for name in self.aux_weights:
+            metrics[f"aux/{name}"] = sum(v for k, v in means.items() if k.split("/")[0] == name)
+        return metrics
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float] | None:
@@ -360,7 +407,7 @@ class Trainer:
             except StopIteration:  # a small validation split: start it over (same count on all ranks)
                 it = iter(self.data.val())
                 batch = next(it)
-            loss_sum, n = self._forward_loss(batch)
+            loss_sum, n, _ = self._forward_loss(batch)
             total += torch.stack([loss_sum.double(), n.double()])
         self.engine.train()
         dist.all_reduce(total)
@@ -446,6 +493,7 @@ class Trainer:
                         if self.peak
                         else None,
                         **memory_stats(self.device),
+                        **{k: v for k, v in m.items() if k.startswith("aux/")},
                     }
                     logger.log("train", self.step, record)
                     last = record

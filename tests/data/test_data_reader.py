@@ -166,9 +166,9 @@ def test_documents_reported_at_the_right_offsets(prepared):
                     assert int(b.input_ids[row, t - 1]) == tok.eos_id
                     n_boundaries += 1
     assert n_boundaries > 0
-    from lmstack.model.mixers.base import Segments
+    from lmstack.model.mixers.base import BatchContext
 
-    seg = Segments.from_doc_ids(b.doc_ids)
+    seg = BatchContext.from_doc_ids(b.doc_ids)
     assert (seg.positions[b.doc_ids != torch.roll(b.doc_ids, 1, 1)] == 0).all()
 
 

@@ -82,7 +82,7 @@ def tiny_lm(vocab_size: int, seed: int = 0):
 def models(prepared):
     """(untrained, trained) LMs; the trained one saw ~150 steps of the training split."""
     from lmstack.data import TrainReader
-    from lmstack.model import Segments
+    from lmstack.model import BatchContext
 
     cfg, index = prepared
     untrained = tiny_lm(index.vocab_size).eval()
@@ -93,7 +93,7 @@ def models(prepared):
     losses = []
     for _ in range(150):
         batch = next(reader)
-        logits, _ = model(batch.input_ids, segments=Segments.from_doc_ids(batch.doc_ids))
+        logits = model(batch.input_ids, BatchContext.from_doc_ids(batch.doc_ids)).logits
         loss = F.cross_entropy(logits.flatten(0, 1), batch.labels.flatten(), ignore_index=-100)
         opt.zero_grad()
         loss.backward()

@@ -9,7 +9,7 @@ import torch
 
 from lmstack.errors import LMStackError
 from lmstack.eval import mqar
-from lmstack.model import LM, MIXERS, ModelConfig, Segments
+from lmstack.model import LM, MIXERS, BatchContext, ModelConfig
 
 
 @pytest.mark.parametrize("V,T,K,power_a", [(64, 32, 4, 0.01), (256, 128, 16, 0.01), (100, 64, 16, 0.5)])
@@ -59,7 +59,7 @@ def test_shortconv_registered_and_causal():
     cfg = ModelConfig(vocab_size=50, d_model=16, n_layers=1, n_heads=2, layer_mixers=["shortconv"])
     conv = LM(cfg).blocks[0].mixer
     x = torch.randn(2, 10, 16, requires_grad=True)
-    y, _ = conv(x)
+    y = conv(x, BatchContext.for_rows(2, 10)).y
     y[:, 5].sum().backward()
     touched = x.grad.abs().sum(dim=(0, 2)) > 0
     assert touched.tolist() == [False, False, True, True, True, True, False, False, False, False]
@@ -69,26 +69,26 @@ def test_shortconv_state_and_documents():
     cfg = ModelConfig(vocab_size=50, d_model=16, n_layers=1, n_heads=2, layer_mixers=["shortconv"])
     conv = LM(cfg).blocks[0].mixer
     x = torch.randn(2, 12, 16)
-    full, _ = conv(x)
+    full = conv(x, BatchContext.for_rows(2, 12)).y
     # chunked with the state (the last k-1 inputs) == one pass, also token by token
-    a, st = conv(x[:, :5], use_cache=True)
-    b, st = conv(x[:, 5:], state=st, use_cache=True)
+    a, st, _ = conv(x[:, :5], BatchContext.for_rows(2, 5), use_cache=True)
+    b, st, _ = conv(x[:, 5:], BatchContext.for_rows(2, 7, offset=5), state=st, use_cache=True)
     torch.testing.assert_close(torch.cat([a, b], 1), full)
     st, outs = None, []
     for t in range(12):
-        o, st = conv(x[:, t : t + 1], state=st, use_cache=True)
+        o, st, _ = conv(x[:, t : t + 1], BatchContext.for_rows(2, 1, offset=t), state=st, use_cache=True)
         outs.append(o)
     torch.testing.assert_close(torch.cat(outs, 1), full)
     assert st.window.shape == (2, 3, 16)
     # packed documents: the second document is computed as if alone, and so is its state
     docs = torch.tensor([[0] * 7 + [1] * 5] * 2)
-    packed, st_p = conv(x, Segments.from_doc_ids(docs), use_cache=True)
-    alone, st_a = conv(x[:, 7:], use_cache=True)
+    packed, st_p, _ = conv(x, BatchContext.from_doc_ids(docs), use_cache=True)
+    alone, st_a, _ = conv(x[:, 7:], BatchContext.for_rows(2, 5), use_cache=True)
     torch.testing.assert_close(packed[:, 7:], alone)
     torch.testing.assert_close(packed[:, :7], full[:, :7])
     torch.testing.assert_close(st_p.window, st_a.window)
     short = torch.tensor([[0] * 11 + [1]] * 2)  # a 1-token document: the state holds only it
-    _, st_s = conv(x, Segments.from_doc_ids(short), use_cache=True)
+    _, st_s, _ = conv(x, BatchContext.from_doc_ids(short), use_cache=True)
     assert (st_s.window[:, :2] == 0).all() and torch.equal(st_s.window[:, 2], x[:, 11])
 
 

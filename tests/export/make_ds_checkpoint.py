@@ -38,7 +38,7 @@ def main() -> None:
         }
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         ids = torch.randint(0, config.model.vocab_size, (2, 16))
-        logits, _ = engine(ids)
+        logits = engine(ids).logits
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
         engine.backward(loss)
         engine.step()

@@ -17,7 +17,7 @@ from lmstack.export.exporter import export_model
 from lmstack.model.config import ModelConfig
 from lmstack.model.lm import LM
 from lmstack.model.mixers import get_mixer
-from lmstack.model.mixers.base import Segments
+from lmstack.model.mixers.base import BatchContext
 from lmstack.model.mixers.lightning import LightningState, alibi_slopes, decay_slopes
 
 
@@ -36,6 +36,13 @@ def _mixer(layer_idx: int = 0, **options):
     return mixer.eval()
 
 
+def _ctx(x: torch.Tensor, doc_ids: torch.Tensor | None = None, offset: int = 0) -> BatchContext:
+    """Context of x: [B, T, D]: one document per row (continuing after `offset` tokens), or packed."""
+    if doc_ids is None:
+        return BatchContext.for_rows(x.shape[0], x.shape[1], offset=offset)
+    return BatchContext.from_doc_ids(doc_ids, offsets=[offset] * x.shape[0])
+
+
 OPTIONS = [{}, {"norm": "srms", "gate": "identity", "qk_activation": "identity"}, {"gate": "silu"}]
 
 
@@ -44,12 +51,14 @@ OPTIONS = [{}, {"norm": "srms", "gate": "identity", "qk_activation": "identity"}
 def test_cached_decoding_equals_full_forward(options: dict) -> None:
     mixer = _mixer(1, **options)
     x = torch.randn(2, 37, 64)
-    full, none = mixer(x)
+    full, none, _ = mixer(x, _ctx(x))
     assert none is None
-    y, state = mixer(x[:, :10], use_cache=True)  # prefill a chunk, then one token at a time
+    y, state, _ = mixer(
+        x[:, :10], _ctx(x[:, :10]), use_cache=True
+    )  # prefill a chunk, then one token at a time
     outs = [y]
     for t in range(10, 37):
-        y, state = mixer(x[:, t : t + 1], state=state, use_cache=True)
+        y, state, _ = mixer(x[:, t : t + 1], _ctx(x[:, :1], offset=t), state=state, use_cache=True)
         outs.append(y)
     assert isinstance(state, LightningState) and state.kv.shape == (2, 2, 32, 32)
     assert state.kv.dtype == torch.float32
@@ -60,11 +69,11 @@ def test_cached_decoding_equals_full_forward(options: dict) -> None:
 def test_lm_generation_cache_equals_full_forward() -> None:
     model = LM(_config()).eval()
     ids = torch.randint(0, 40, (2, 30))
-    full, _ = model(ids)
-    logits, cache = model(ids[:, :5], use_cache=True)
+    full = model(ids).logits
+    logits, cache, _ = model(ids[:, :5], use_cache=True)
     outs = [logits]
     for t in range(5, 30):
-        logits, cache = model(ids[:, t : t + 1], cache=cache, use_cache=True)
+        logits, cache, _ = model(ids[:, t : t + 1], cache=cache, use_cache=True)
         outs.append(logits)
     assert cache.seen_tokens == 30
     assert (torch.cat(outs, 1) - full).abs().max().item() < 1e-4
@@ -75,9 +84,10 @@ def test_packed_documents_are_isolated() -> None:
     mixer = _mixer()
     x = torch.randn(2, 48, 64)
     doc_ids = torch.tensor([[0] * 11 + [1] * 30 + [2] * 7, [5] * 48])
-    y, state = mixer(x, segments=Segments.from_doc_ids(doc_ids), use_cache=True)
+    y, state, _ = mixer(x, _ctx(x, doc_ids), use_cache=True)
     for row, s, e in [(0, 0, 11), (0, 11, 41), (0, 41, 48), (1, 0, 48)]:
-        alone, alone_state = mixer(x[row : row + 1, s:e], use_cache=True)
+        xi = x[row : row + 1, s:e]
+        alone, alone_state, _ = mixer(xi, _ctx(xi), use_cache=True)
         assert_rel_rmse(y[row : row + 1, s:e], alone, 1e-5, f"row {row} doc {s}:{e}")
         if e == 48:  # the returned state is that of each row's last document
             assert_rel_rmse(state.kv[row : row + 1], alone_state.kv, 1e-5, f"row {row} state")
@@ -88,15 +98,18 @@ def test_state_continues_only_into_first_document() -> None:
     """With a state, each row's first document continues it and later documents start afresh."""
     mixer = _mixer()
     x = torch.randn(2, 30, 64)
-    _, state = mixer(torch.randn(2, 12, 64), use_cache=True)
+    prefix = torch.randn(2, 12, 64)
+    _, state, _ = mixer(prefix, _ctx(prefix), use_cache=True)
     doc_ids = torch.tensor([[0] * 20 + [1] * 10, [0] * 30])
-    y, new_state = mixer(x, segments=Segments.from_doc_ids(doc_ids), state=state, use_cache=True)
-    cont, cont_state = mixer(x[:, :20], state=state, use_cache=True)
+    y, new_state, _ = mixer(x, _ctx(x, doc_ids, offset=12), state=state, use_cache=True)
+    cont, cont_state, _ = mixer(x[:, :20], _ctx(x[:, :20], offset=12), state=state, use_cache=True)
     assert_rel_rmse(y[:, :20], cont, 1e-5, "first document continues the state")
-    fresh, fresh_state = mixer(x[:1, 20:], use_cache=True)
+    fresh, fresh_state, _ = mixer(x[:1, 20:], _ctx(x[:1, 20:]), use_cache=True)
     assert_rel_rmse(y[:1, 20:], fresh, 1e-5, "second document starts from zero")
     assert_rel_rmse(new_state.kv[:1], fresh_state.kv, 1e-5, "row 0 state")
-    whole, whole_state = mixer(x[1:], state=LightningState(state.kv[1:]), use_cache=True)
+    whole, whole_state, _ = mixer(
+        x[1:], _ctx(x[1:], offset=12), state=LightningState(state.kv[1:]), use_cache=True
+    )
     assert_rel_rmse(new_state.kv[1:], whole_state.kv, 1e-5, "row 1 state")
 
 
@@ -105,13 +118,13 @@ def test_triton_backend_matches_torch_backend() -> None:
     forward and backward, with packed documents."""
     torch.manual_seed(1)
     x = torch.randn(2, 40, 64)
-    seg = Segments.from_doc_ids(torch.tensor([[0] * 25 + [1] * 15, [0] * 40]))
+    ctx = _ctx(x, torch.tensor([[0] * 25 + [1] * 15, [0] * 40]))
     results = []
     for backend in ("triton", "torch"):
         torch.manual_seed(0)
         mixer = _mixer(backend=backend)
         xi = x.clone().requires_grad_()
-        y, _ = mixer(xi, segments=seg)
+        y = mixer(xi, ctx).y
         y.pow(2).sum().backward()
         results.append((y.detach(), xi.grad, mixer.q_proj.weight.grad, mixer.k_proj.weight.grad))
     for name, a, b in zip(("y", "dx", "dWq", "dWk"), *results):
@@ -157,7 +170,7 @@ def test_lm_trains_on_cpu() -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     losses = []
     for _ in range(30):
-        logits, _ = model(ids[:, :-1])
+        logits = model(ids[:, :-1]).logits
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 16), ids[:, 1:].reshape(-1))
         opt.zero_grad()
         loss.backward()
@@ -175,7 +188,7 @@ def test_model_runs_without_triton() -> None:
         "from lmstack.model.config import ModelConfig\n"
         "from lmstack.model.lm import LM\n"
         "cfg = ModelConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=2, mixer='lightning')\n"
-        "logits, _ = LM(cfg)(torch.randint(0, 40, (1, 9)))\n"
+        "logits = LM(cfg)(torch.randint(0, 40, (1, 9))).logits\n"
         "assert logits.shape == (1, 9, 40)\n"
         "from lmstack_kernels.lightning import triton_kernels\n"
         "assert not triton_kernels.HAS_TRITON\n"
@@ -191,12 +204,12 @@ def test_export_reload_and_generate_without_triton(tmp_path) -> None:
     export_model(model, tmp_path / "hf")
     prompt = torch.randint(0, 40, (2, 6))
     with torch.no_grad():  # greedy decoding with the mixer's recurrent state
-        logits, cache = model(prompt, use_cache=True)
+        logits, cache, _ = model(prompt, use_cache=True)
         ids = prompt
         for _ in range(8):
             nxt = logits[:, -1:].argmax(-1)
             ids = torch.cat([ids, nxt], 1)
-            logits, cache = model(nxt, cache=cache, use_cache=True)
+            logits, cache, _ = model(nxt, cache=cache, use_cache=True)
     code = (
         "import sys, json\n"
         "for name in ('triton', 'lmstack', 'lmstack_kernels'): sys.modules[name] = None\n"

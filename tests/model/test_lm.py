@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lmstack.model import LM, ModelConfig, Segments
+from lmstack.model import LM, BatchContext, ModelConfig
 
 
 def tiny(**kw) -> LM:
@@ -15,7 +15,7 @@ def tiny(**kw) -> LM:
 def test_forward_backward() -> None:
     model = tiny()
     ids = torch.randint(0, 97, (2, 24))
-    logits, cache = model(ids)
+    logits, cache, _ = model(ids)
     assert logits.shape == (2, 24, 97) and cache is None
     torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids.flatten()).backward()
     for name, p in model.named_parameters():
@@ -43,8 +43,8 @@ def test_causality() -> None:
     ids = torch.randint(0, 97, (2, 32))
     changed = ids.clone()
     changed[:, 20:] = torch.randint(0, 97, (2, 12))
-    a, _ = model(ids)
-    b, _ = model(changed)
+    a = model(ids).logits
+    b = model(changed).logits
     torch.testing.assert_close(a[:, :20], b[:, :20], rtol=0, atol=1e-5)
     assert (a[:, 20:] - b[:, 20:]).abs().max() > 1e-3
 
@@ -55,33 +55,33 @@ def test_packed_documents_are_isolated(lengths: list[int]) -> None:
     docs = [torch.randint(0, 97, (1, n)) for n in lengths]
     packed = torch.cat(docs, dim=1)
     doc_ids = torch.cat([torch.full((1, n), i) for i, n in enumerate(lengths)], dim=1)
-    segments = Segments.from_doc_ids(doc_ids)
-    logits, _ = model(packed, segments=segments)
+    logits = model(packed, BatchContext.from_doc_ids(doc_ids)).logits
     alone = torch.cat([model(d)[0] for d in docs], dim=1)
     assert (logits - alone).abs().max() < 1e-4
 
 
-def test_segments_from_cu_seqlens_round_trip() -> None:
+def test_context_from_cu_seqlens_round_trip() -> None:
     doc_ids = torch.tensor([[0, 0, 1, 1, 1], [5, 6, 6, 6, 7]])
-    seg = Segments.from_doc_ids(doc_ids)
-    assert seg.positions.tolist() == [[0, 1, 0, 1, 2], [0, 0, 1, 2, 0]]
-    cu = seg.cu_seqlens()
-    assert cu.tolist() == [0, 2, 5, 6, 9, 10]
-    again = Segments.from_cu_seqlens(cu, batch=2, seq_len=5)
-    assert torch.equal(again.positions, seg.positions)
+    ctx = BatchContext.from_doc_ids(doc_ids)
+    assert ctx.positions.tolist() == [[0, 1, 0, 1, 2], [0, 0, 1, 2, 0]]
+    assert ctx.cu_seqlens.tolist() == list(ctx.cu_seqlens_host) == [0, 2, 5, 6, 9, 10]
+    assert (ctx.max_seqlen, ctx.packed) == (3, True)
+    assert ctx.first_piece.tolist() == [0, 2] and ctx.last_piece.tolist() == [1, 4]
+    again = BatchContext.from_cu_seqlens(ctx.cu_seqlens, batch=2, seq_len=5)
+    assert torch.equal(again.positions, ctx.positions)
 
 
 def test_cached_decoding_matches_full_forward() -> None:
     model = tiny()
     ids = torch.randint(0, 97, (2, 40))
-    full, _ = model(ids)
+    full = model(ids).logits
     # Prefill a chunk, then one token at a time, then a chunk again.
-    out, cache = model(ids[:, :17], use_cache=True)
+    out, cache, _ = model(ids[:, :17], use_cache=True)
     pieces = [out]
     for t in range(17, 30):
-        out, cache = model(ids[:, t : t + 1], cache=cache, use_cache=True)
+        out, cache, _ = model(ids[:, t : t + 1], cache=cache, use_cache=True)
         pieces.append(out)
-    out, cache = model(ids[:, 30:], cache=cache, use_cache=True)
+    out, cache, _ = model(ids[:, 30:], cache=cache, use_cache=True)
     pieces.append(out)
     assert cache.seen_tokens == 40
     assert (torch.cat(pieces, dim=1) - full).abs().max() < 1e-4

@@ -4,10 +4,13 @@ list of {"overrides": [...], "resume": null|"auto"}. Used by the tests, alone or
 import json
 import sys
 
+from aux_probe import register_probe
+
 from lmstack.config import load_config
 from lmstack.train import distributed, train
 
 if __name__ == "__main__":
+    register_probe()  # the test-only `probe` mixer (aux losses), available to every run
     runs = json.loads(sys.argv[1])
     info = distributed.init_distributed(timeout_s=60)
     try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from lmstack.errors import ConfigError
-from lmstack.model.mixers.base import NoOptions, Segments, TokenMixer
+from lmstack.model.mixers.base import BatchContext, MixerOutput, NoOptions, TokenMixer
 
 MIXERS: dict[str, type[TokenMixer]] = {}
 
@@ -36,4 +36,4 @@ from lmstack.model.mixers import attention
 from lmstack.model.mixers import lightning
 from lmstack.model.mixers import shortconv
 
-__all__ = ["MIXERS", "NoOptions", "Segments", "TokenMixer", "get_mixer", "register"]
+__all__ = ["MIXERS", "BatchContext", "MixerOutput", "NoOptions", "TokenMixer", "get_mixer", "register"]

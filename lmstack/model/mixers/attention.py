@@ -1,12 +1,20 @@
 """`attention`: causal softmax attention with grouped-query heads, RoPE and a KV cache.
 
-Runs on torch SDPA: with neither documents nor cache it takes the `is_causal` path (flash attention
-on GPU); packed documents and chunked prefill use an explicit boolean mask.
+Which kernel runs:
+- one document per row and no cache: SDPA's `is_causal` path (flash attention on a GPU);
+- packed documents on CUDA: FlexAttention with a document block mask (built once per batch and
+  shared by all layers), so fully masked blocks are skipped (`packed_path: flex`);
+- otherwise (CPU, a KV cache, `packed_path: mask`): SDPA with an explicit boolean mask.
+
+Masks come from positions alone: key s may be seen by query t (both counted in the row including
+cached tokens) iff `s <= t` and `t - s <= positions[t]`, i.e. s is in t's document. The KV cache of a
+row holds the keys of all its tokens; keys from an earlier document are masked the same way.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -14,8 +22,14 @@ from torch import nn
 
 from lmstack.model.config import ModelConfig
 from lmstack.model.mixers import register
-from lmstack.model.mixers.base import NoOptions, Segments, TokenMixer
+from lmstack.model.mixers.base import BatchContext, MixerOutput, TokenMixer
 from lmstack.model.rotary import apply_rotary, rotary_cos_sin
+
+
+@dataclass
+class AttentionOptions:
+    # Kernel for packed documents: "auto" (flex on CUDA, mask elsewhere), "flex" or "mask".
+    packed_path: Literal["auto", "flex", "mask"] = "auto"
 
 
 @dataclass
@@ -30,28 +44,56 @@ class KVState:
         return self.k.shape[1]
 
 
-def attention_mask(
-    segments: Segments | None, q_len: int, past: int, device: torch.device
-) -> torch.Tensor | None:
-    """Boolean [B or 1, 1, q_len, past + q_len] mask (True = may attend), or None for plain causal."""
-    if segments is None and past == 0:
-        return None
-    q_idx = torch.arange(q_len, device=device)[:, None] + past
-    k_idx = torch.arange(past + q_len, device=device)[None, :]
-    mask = (k_idx <= q_idx)[None, None]
-    if segments is not None:
-        docs = segments.doc_ids
-        if past:  # cached tokens belong to the first document of each row
-            docs = torch.cat([docs[:, :1].expand(-1, past), docs], dim=1)
-        mask = mask & (docs[:, None, past:, None] == docs[:, None, None, :])
-    return mask
+def attention_mask(context: BatchContext, past: int) -> torch.Tensor:
+    """Boolean [B, 1, T, past + T] mask (True = may attend) for queries after `past` cached keys."""
+    T = context.seq_len
+    device = context.positions.device
+    q_idx = torch.arange(T, device=device)[:, None] + past
+    k_idx = torch.arange(past + T, device=device)[None, :]
+    distance = q_idx - k_idx  # [T, past + T]
+    mask = (distance >= 0) & (distance <= context.positions[:, :, None])
+    return mask[:, None]
+
+
+def document_block_mask(context: BatchContext):
+    """FlexAttention block mask of `attention_mask(context, 0)`, shared by all layers of the batch."""
+
+    def build():
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        pos = context.positions
+
+        def same_document(b, h, q, k):
+            return (k <= q) & (q - k <= pos[b, q])
+
+        T = context.seq_len
+        return create_block_mask(
+            same_document, context.batch, None, T, T, device=pos.device, _compile=pos.is_cuda
+        )
+
+    return context.memo("document_block_mask", build)
+
+
+_compiled_flex = None
+
+
+@torch.compiler.disable
+def flex_attention(q, k, v, block_mask, enable_gqa: bool) -> torch.Tensor:
+    """q: [B, H, T, Dh]; k, v: [B, H_kv, T, Dh]. Compiled once on CUDA (eager flex is a slow reference)."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention as flex
+
+    if q.is_cuda and _compiled_flex is None:
+        _compiled_flex = torch.compile(flex, dynamic=False)
+    fn = _compiled_flex if q.is_cuda else flex
+    return fn(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
 
 
 @register("attention")
 class Attention(TokenMixer):
-    Options = NoOptions
+    Options = AttentionOptions
 
-    def __init__(self, config: ModelConfig, layer_idx: int, options: NoOptions) -> None:
+    def __init__(self, config: ModelConfig, layer_idx: int, options: AttentionOptions) -> None:
         super().__init__(config, layer_idx, options)
         D, Dh = config.d_model, config.head_dim
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.kv_heads, Dh
@@ -61,38 +103,42 @@ class Attention(TokenMixer):
         self.o_proj = nn.Linear(self.n_heads * Dh, D, bias=False)
         self.o_proj.is_residual_out = True
 
+    def _use_flex(self, x: torch.Tensor) -> bool:
+        path = self.options.packed_path
+        return path == "flex" or (path == "auto" and x.is_cuda)
+
     def forward(
         self,
         x: torch.Tensor,
-        segments: Segments | None = None,
+        context: BatchContext,
         state: KVState | None = None,
         use_cache: bool = False,
-    ) -> tuple[torch.Tensor, KVState | None]:
+    ) -> MixerOutput:
         B, T, _ = x.shape
         past = state.length if state is not None else 0
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
-        if segments is not None:
-            positions = segments.positions + past
-        else:
-            positions = torch.arange(past, past + T, device=x.device)[None]  # broadcast over the batch
+        # Rows that are neither packed nor continuing share their positions: one rotary table for all.
+        same_rows = not context.packed and not any(context.continues_host)
+        positions = context.positions[:1] if same_rows else context.positions
         cos, sin = rotary_cos_sin(positions, self.head_dim, self.config.rope_theta, q.dtype)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if state is not None:
             k = torch.cat([state.k, k], dim=1)
             v = torch.cat([state.v, v], dim=1)
         new_state = KVState(k, v) if use_cache else None
-        mask = attention_mask(segments, T, past, x.device)
-        y = F.scaled_dot_product_attention(
-            q.transpose(1, 2),
-            k.transpose(1, 2),
-            v.transpose(1, 2),
-            attn_mask=mask,
-            is_causal=mask is None and T > 1,
-            enable_gqa=self.n_kv_heads != self.n_heads,
-        )
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), new_state
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        gqa = self.n_kv_heads != self.n_heads
+        if past == 0 and not context.packed:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
+        elif past == 0 and self._use_flex(x):
+            y = flex_attention(q, k, v, document_block_mask(context), gqa)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attention_mask(context, past), enable_gqa=gqa
+            )
+        return MixerOutput(self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), new_state)
 
     def flops_per_token(self, seq_len: int) -> float:
         D, Dh, H, Hkv = self.config.d_model, self.head_dim, self.n_heads, self.n_kv_heads

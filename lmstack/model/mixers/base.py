@@ -1,18 +1,21 @@
-"""The one interface every token mixer implements, and the batch metadata mixers share.
+"""The one interface every token mixer implements, and the batch context mixers share.
 
 A token mixer maps `x: [B, T, D]` to `[B, T, D]`, mixing information along T causally. Besides the
 math it owns:
-- document boundaries of packed sequences (`Segments`): no token attends to, or carries state
-  across, a document start;
-- a decoding state (KV cache or recurrent state) that is both returned by a forward and accepted
-  as the initial state of the next chunk: generation and sequence parallelism use the same path;
+- packed documents, read from the `BatchContext` built once per batch: no token attends to, or
+  carries state across, a document start;
+- a state (KV cache, recurrent state, convolution window) that a forward returns and the next
+  forward takes as its initial state: decoding, chunked prefill and sequence slices use one path;
+- optional auxiliary losses and logged statistics (`MixerOutput.aux`);
 - its FLOPs per token, so that MFU counts what each mixer really computes.
+The page for mixer authors is docs/mixers.md.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import nn
@@ -25,69 +28,172 @@ class NoOptions:
     """Options of a mixer that has none."""
 
 
-def document_starts(doc_ids: torch.Tensor) -> torch.Tensor:
-    """doc_ids: [B, T] -> bool [B, T], True where a document starts (every row starts one)."""
-    starts = torch.ones_like(doc_ids, dtype=torch.bool)
-    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-    return starts
-
-
 @dataclass
-class Segments:
-    """Document boundaries of a packed batch.
+class BatchContext:
+    """Document structure of a batch of token rows `[B, T]`, built once on the host; mixers only read it.
 
-    doc_ids:   [B, T] int, non-decreasing along T within a row; tokens with equal ids share a document.
-    positions: [B, T] int, each token's index inside its document (rotary embeddings restart at 0).
+    A row may be a slice of longer sequences (a sequence-parallel rank's slice, a prefill chunk, a
+    decoding step): its first document then *continues* a document that began before the slice, at a
+    global position offset, and that document's state comes in as the mixer's `state`.
+
+    positions:      [B, T] int64 (device): each token's position inside its document, counted from
+                    the document's real start (continuing rows add their offset). Two tokens t ≥ s of a
+                    row share a document exactly when `t - s <= positions[b, t]`.
+    cu_seqlens:     [N+1] int32 (device): boundaries of the N row pieces of documents over the
+                    flattened `[B*T]` tokens (every row starts a piece; the varlen convention of
+                    flash-attention and fla). `cu_seqlens_host` is the same as a tuple.
+    max_seqlen:     the longest piece.
+    packed:         some row holds more than one piece (else `cu_seqlens` is just the row bounds).
+    continues:      [B] bool (device): the row's first piece continues a document from before the slice
+                    (its incoming state applies); `continues_host` is the same as a tuple.
+    first_piece, last_piece: [B] int64 (device): index in `cu_seqlens` of each row's first / last piece.
     """
 
-    doc_ids: torch.Tensor
+    batch: int
+    seq_len: int
     positions: torch.Tensor
+    cu_seqlens: torch.Tensor
+    cu_seqlens_host: tuple[int, ...]
+    max_seqlen: int
+    packed: bool
+    continues: torch.Tensor
+    continues_host: tuple[bool, ...]
+    first_piece: torch.Tensor
+    last_piece: torch.Tensor
+    # Per-batch structures derived from the fields above and shared by all layers (e.g. an attention
+    # block mask): built on first use by `memo`, never by a mixer for itself.
+    _memo: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
-    def from_doc_ids(cls, doc_ids: torch.Tensor) -> Segments:
-        """doc_ids: [B, T]; a new document starts wherever the id changes."""
+    def from_doc_ids(
+        cls,
+        doc_ids: torch.Tensor,
+        device: torch.device | str | None = None,
+        offsets: torch.Tensor | list[int] | None = None,
+    ) -> BatchContext:
+        """doc_ids: [B, T] int, non-decreasing along each row (a new document wherever it changes).
+        offsets: [B] global position of each row's first token inside its document; a row with a
+        positive offset continues that document (default: no row continues). Runs on the host:
+        `doc_ids` is moved to the CPU (free for the trainer's reader batches, which live there)."""
         if doc_ids.dim() != 2:
             raise ValueError(f"doc_ids: expected [B, T], got shape {tuple(doc_ids.shape)}")
+        doc_ids = doc_ids.detach().cpu()
         B, T = doc_ids.shape
-        idx = torch.arange(T, device=doc_ids.device).expand(B, T)
-        starts = document_starts(doc_ids)
-        start_idx = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
-        return cls(doc_ids=doc_ids, positions=idx - start_idx)
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        starts = torch.ones(B, T, dtype=torch.bool)
+        starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+        idx = torch.arange(T).expand(B, T)
+        local = idx - torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
+        offsets = torch.zeros(B, dtype=torch.long) if offsets is None else torch.as_tensor(offsets).long()
+        if offsets.shape != (B,) or bool((offsets < 0).any()):
+            raise ValueError(f"offsets: expected {B} non-negative positions, got {offsets.tolist()}")
+        first_piece_tokens = (local == idx).long()  # tokens of each row's first piece
+        positions = local + first_piece_tokens * offsets[:, None]
+        flat_starts = torch.nonzero(starts.reshape(-1)).flatten()
+        cu = torch.cat([flat_starts, torch.tensor([B * T])]).to(torch.int32)
+        per_row = starts.sum(1)
+        first = torch.cumsum(per_row, 0) - per_row
+        continues = offsets > 0
+        to = lambda t: t.to(device, non_blocking=True)
+        return cls(
+            batch=B,
+            seq_len=T,
+            positions=to(positions),
+            cu_seqlens=to(cu),
+            cu_seqlens_host=tuple(cu.tolist()),
+            max_seqlen=int((cu[1:] - cu[:-1]).max()) if T else 0,
+            packed=bool(int(per_row.max()) > 1) if T else False,
+            continues=to(continues),
+            continues_host=tuple(continues.tolist()),
+            first_piece=to(first),
+            last_piece=to(first + per_row - 1),
+        )
 
     @classmethod
-    def from_cu_seqlens(cls, cu_seqlens: torch.Tensor, batch: int, seq_len: int) -> Segments:
-        """cu_seqlens: [N+1] cumulative document lengths over the flattened `[B*T]` tokens
-        (the varlen convention of flash-attention and fla); documents may not cross rows."""
-        ends = cu_seqlens[1:-1].to(torch.long)
-        if ((ends % seq_len) == 0).logical_not().logical_and(ends // seq_len != (ends - 1) // seq_len).any():
-            raise ValueError("cu_seqlens: a document crosses a row boundary")
-        flat = torch.zeros(batch * seq_len, dtype=torch.long, device=cu_seqlens.device)
-        flat[ends] = 1
-        flat[torch.arange(1, batch, device=flat.device) * seq_len] = 1
-        return cls.from_doc_ids(flat.cumsum(0).view(batch, seq_len))
+    def for_slice(
+        cls, doc_ids: torch.Tensor, start: int, end: int, device: torch.device | str | None = None
+    ) -> BatchContext:
+        """The context of columns [start, end) of full rows `doc_ids: [B, T_full]`: rows whose
+        document runs across `start` continue it (sequence slices, chunked prefill)."""
+        doc_ids = doc_ids.detach().cpu()
+        full = cls.from_doc_ids(doc_ids[:, :end])
+        return cls.from_doc_ids(doc_ids[:, start:end], device, offsets=full.positions[:, start])
 
-    def cu_seqlens(self) -> torch.Tensor:
-        """[N+1] int32 cumulative lengths over the flattened `[B*T]` tokens (every row starts a document)."""
-        B, T = self.doc_ids.shape
-        starts = self.positions.reshape(-1) == 0
-        idx = torch.nonzero(starts).flatten()
-        end = torch.tensor([B * T], device=idx.device)
-        return torch.cat([idx, end]).to(torch.int32)
+    @classmethod
+    def from_cu_seqlens(
+        cls, cu_seqlens: torch.Tensor, batch: int, seq_len: int, device: torch.device | str | None = None
+    ) -> BatchContext:
+        """cu_seqlens: [N+1] cumulative document lengths over the flattened `[B*T]` tokens; every row
+        start (a multiple of `seq_len`) must be a document boundary: documents may not cross rows."""
+        cu = cu_seqlens.detach().cpu().long()
+        bounds = set(cu.tolist())
+        if cu[0] != 0 or cu[-1] != batch * seq_len or bool((cu[1:] < cu[:-1]).any()):
+            raise ValueError(f"cu_seqlens: must rise from 0 to B*T = {batch * seq_len}, got {cu.tolist()}")
+        crossing = [r * seq_len for r in range(1, batch) if r * seq_len not in bounds]
+        if crossing:
+            raise ValueError(
+                f"cu_seqlens: a document crosses the row boundary at token {crossing[0]} "
+                f"(rows of {seq_len} tokens); split it there"
+            )
+        flat = torch.zeros(batch * seq_len, dtype=torch.long)
+        flat[cu[1:-1]] = 1
+        return cls.from_doc_ids(flat.cumsum(0).view(batch, seq_len), device)
+
+    @classmethod
+    def for_rows(
+        cls, batch: int, seq_len: int, device: torch.device | str | None = None, offset: int = 0
+    ) -> BatchContext:
+        """Every row one document, starting `offset` tokens into it (decoding after `offset` tokens)."""
+        return cls.from_doc_ids(torch.zeros(batch, seq_len, dtype=torch.long), device, [offset] * batch)
+
+    def memo(self, key: Any, build: Callable[[], Any]) -> Any:
+        """A structure derived from this batch's documents, built once and shared by all layers."""
+        if key not in self._memo:
+            self._memo[key] = build()
+        return self._memo[key]
+
+
+def continued_state(state: torch.Tensor | None, context: BatchContext) -> torch.Tensor | None:
+    """state: [B, ...] incoming state -> the same with rows that do not continue zeroed (None when
+    no row continues). Decided on the host: no device work when all rows continue or none does."""
+    if state is None or not any(context.continues_host):
+        return None
+    if all(context.continues_host):
+        return state
+    return state * context.continues.view(-1, *([1] * (state.dim() - 1))).to(state.dtype)
+
+
+class MixerOutput(NamedTuple):
+    """What a mixer's forward returns.
+
+    y:     [B, T, D].
+    state: the state after the last token of each row (None unless `use_cache`).
+    aux:   named scalar tensors. Names the mixer declares in `TokenMixer.aux_losses` are auxiliary
+           losses (the trainer adds `coefficient × value` to the loss); any other name is a statistic,
+           only logged. Empty for most mixers.
+    """
+
+    y: torch.Tensor
+    state: Any = None
+    aux: dict[str, torch.Tensor] = {}  # shared default: read, never mutated
 
 
 class TokenMixer(nn.Module):
     """Base class of all token mixers; subclasses register themselves with `@register("name")`.
 
-    Subclasses set `Options` to a dataclass of their own settings (filled from the config's
-    `mixer_options[name]`) and implement `forward` and `flops_per_token`.
+    Subclasses set `Options` to a dataclass of their own settings (filled per layer from the config)
+    and implement `forward` and `flops_per_token`; see docs/mixers.md.
     """
 
     name: ClassVar[str] = ""
     Options: ClassVar[type] = NoOptions
+    # Auxiliary losses this mixer may emit: name -> default coefficient (train.aux_loss_weights overrides).
+    aux_losses: ClassVar[dict[str, float]] = {}
 
     @classmethod
-    def validate_config(cls, config: ModelConfig, prefix: str = "") -> None:
-        """Raise ConfigError (naming `prefix` + field) if this mixer cannot run `config`; default: no check."""
+    def validate_config(cls, config: ModelConfig, options: Any, prefix: str = "") -> None:
+        """Raise ConfigError (naming `prefix` + field) if this mixer cannot run `config` with these
+        options; `prefix` names the layer's entry. Default: no check."""
 
     def __init__(self, config: ModelConfig, layer_idx: int, options: Any) -> None:
         super().__init__()
@@ -98,15 +204,15 @@ class TokenMixer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        segments: Segments | None = None,
+        context: BatchContext,
         state: Any | None = None,
         use_cache: bool = False,
-    ) -> tuple[torch.Tensor, Any | None]:
-        """x: [B, T, D] -> (y: [B, T, D], new_state).
+    ) -> MixerOutput:
+        """x: [B, T, D] -> MixerOutput(y [B, T, D], state after x if use_cache, aux).
 
-        `state` is the decoding state after the tokens that precede `x` (None: start of sequence).
-        `new_state` is the state after `x` when `use_cache` is true, else None. With a state, each
-        row is one document (`segments` then describes only `x`).
+        `state` is this mixer's state after the tokens before `x`, for the document each row's first
+        piece continues; it applies only where `context.continues` is true (elsewhere the row starts
+        fresh). The returned state belongs to each row's last piece.
         """
         raise NotImplementedError
 

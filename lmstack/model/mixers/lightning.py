@@ -36,7 +36,7 @@ from torch import nn
 from lmstack.errors import ConfigError
 from lmstack.model.config import ModelConfig
 from lmstack.model.mixers import register
-from lmstack.model.mixers.base import Segments, TokenMixer, document_starts
+from lmstack.model.mixers.base import BatchContext, MixerOutput, TokenMixer, continued_state
 from lmstack_kernels.lightning import MAX_HEAD_DIM, MIN_HEAD_DIM, lightning_attn
 
 CHUNK = 64  # the op's block length (Triton BT and the chunked PyTorch path)
@@ -85,7 +85,7 @@ class LightningAttention(TokenMixer):
     Options = LightningOptions
 
     @classmethod
-    def validate_config(cls, config: ModelConfig, prefix: str = "model.") -> None:
+    def validate_config(cls, config: ModelConfig, options: LightningOptions, prefix: str = "model.") -> None:
         Dh = config.head_dim
         if not MIN_HEAD_DIM <= Dh <= MAX_HEAD_DIM:
             raise ConfigError(
@@ -95,7 +95,7 @@ class LightningAttention(TokenMixer):
 
     def __init__(self, config: ModelConfig, layer_idx: int, options: LightningOptions) -> None:
         super().__init__(config, layer_idx, options)
-        self.validate_config(config)
+        self.validate_config(config, options)
         D, H, Dh = config.d_model, config.n_heads, config.head_dim
         self.n_heads, self.head_dim = H, Dh
         self.q_proj = nn.Linear(D, H * Dh, bias=False)
@@ -105,10 +105,18 @@ class LightningAttention(TokenMixer):
         self.o_proj = nn.Linear(H * Dh, D, bias=False)
         self.o_proj.is_residual_out = True
         self.norm_weight = nn.Parameter(torch.ones(H * Dh)) if options.norm == "head" else None
-        # A constant (no parameter, no buffer): recomputed from the config, so nothing to load.
-        self.log_decay = [
+        # A constant recomputed from the config: a non-persistent buffer (nothing to load, moves with
+        # the module), kept in fp32 whatever the module's dtype (see `_apply`).
+        self._log_decay = [
             -s for s in decay_slopes(H, layer_idx, config.n_layers, options.decay_depth_scaling)
         ]
+        self.register_buffer("log_decay", torch.tensor(self._log_decay), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        # `.to(bfloat16)` would round the decays (a 0.4% change of λ); refill them in fp32 instead.
+        super()._apply(fn, recurse)
+        self._buffers["log_decay"] = torch.tensor(self._log_decay, device=self.log_decay.device)
+        return self
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -135,42 +143,33 @@ class LightningAttention(TokenMixer):
     def forward(
         self,
         x: torch.Tensor,
-        segments: Segments | None = None,
+        context: BatchContext,
         state: LightningState | None = None,
         use_cache: bool = False,
-    ) -> tuple[torch.Tensor, LightningState | None]:
+    ) -> MixerOutput:
         B, T, _ = x.shape
         H, Dh = self.n_heads, self.head_dim
         q = self._act(self.q_proj(x)).view(B, T, H, Dh)
         k = self._act(self.k_proj(x)).view(B, T, H, Dh)
         v = self.v_proj(x).view(B, T, H, Dh)
-        decay = torch.tensor(self.log_decay, device=x.device, dtype=torch.float32)
-        h0 = state.kv if state is not None else None
-        cu = None
-        if segments is not None and T > 1:
-            idx = torch.nonzero(document_starts(segments.doc_ids).reshape(-1)).flatten()
-            if idx.numel() > B:  # some row holds several documents: run them as varlen
-                cu = torch.cat([idx, idx.new_tensor([B * T])]).to(torch.int32)
-        if cu is None:
-            o, ht = lightning_attn(
-                q, k, v, decay, initial_state=h0, output_final_state=use_cache, backend=self.options.backend
-            )
-        else:
-            row_start = cu[:-1] % T == 0  # the first document of each row continues the state
+        h0 = continued_state(state.kv if state is not None else None, context)
+        run = lambda *a, **kw: lightning_attn(
+            *a, self.log_decay, output_final_state=use_cache, backend=self.options.backend, **kw
+        )
+        if not context.packed:
+            o, ht = run(q, k, v, initial_state=h0)
+        else:  # documents as varlen pieces: the state restarts at every piece but each row's first
             init = None
             if h0 is not None:
-                init = h0.new_zeros(cu.numel() - 1, *h0.shape[1:])
-                init[row_start] = h0
+                init = h0.new_zeros(context.cu_seqlens.shape[0] - 1, *h0.shape[1:])
+                init[context.first_piece] = h0
             flat = lambda t: t.reshape(1, B * T, H, Dh)
-            o, ht = lightning_attn(
-                flat(q), flat(k), flat(v), decay, initial_state=init, output_final_state=use_cache,
-                cu_seqlens=cu, backend=self.options.backend,
-            )  # fmt: skip
+            o, ht = run(flat(q), flat(k), flat(v), initial_state=init, cu_seqlens=context.cu_seqlens)
             o = o.view(B, T, H, Dh)
             if ht is not None:
-                ht = ht[cu[1:] % T == 0]  # the last document of each row
+                ht = ht[context.last_piece]
         y = self.o_proj(self._norm_gate(o, self.u_proj(x)))
-        return y, (LightningState(ht) if use_cache else None)
+        return MixerOutput(y, LightningState(ht) if use_cache else None)
 
     def flops_per_token(self, seq_len: int) -> float:
         """Projections (q, k, v, u in; o out) plus the chunked algorithm's real work per token and

@@ -1,0 +1,120 @@
+"""The ops the GPU suite checks and times: one `OPS` entry per op of `lmstack_kernels`.
+
+An entry says how to make an op's inputs and how to call the op, its naive recurrence and its
+flash-linear-attention counterpart, all on the same dict of inputs, so that `check_ops.py` (Triton
+forward and backward against the references) and `bench_ops.py` (speed against fla and SDPA) need no
+per-op code. Adding an op is one input maker and one `Op(...)` entry.
+
+Calling conventions (x: the dict from `make_inputs`, all [B, T, H, *] but per-head constants):
+    run(x, backend, initial_state, cu_seqlens)   -> (o [B, T, H, V], final state [N, H, K, V] fp32)
+    naive(x, initial_state, cu_seqlens)          -> the same from the token-by-token recurrence, in
+                                                    x's dtype (the suite passes fp64)
+    fla(x, initial_state, cu_seqlens)            -> the same from fla (imported when called)
+`initial_state` is [N, H, K, V] (N = B, or the number of documents with `cu_seqlens`, then B = 1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from lmstack_kernels.deltanet import delta_rule_attn
+from lmstack_kernels.deltanet.naive import naive_delta_rule
+from lmstack_kernels.lightning import lightning_attn
+from lmstack_kernels.lightning.naive import naive_lightning_attn
+
+Inputs = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Op:
+    # (B, T, H, K, V, strong_decay, generator) -> fp32 CPU inputs; strong_decay: forget within a few tokens
+    make_inputs: Callable[[int, int, int, int, int, bool, torch.Generator], Inputs]
+    grad_inputs: tuple[str, ...]  # the inputs that receive gradients (the rest are constants)
+    run: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    naive: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    fla: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    fla_name: str
+    head_dims: tuple[int, ...] = (64, 128, 256)  # head dims checked on the GPU (K = V)
+    # Relative RMSE allowed against the reference, per input dtype. fp32: Triton's tl.dot takes fp32
+    # operands as tf32 by default (METHOD.md: near 3e-4 per product); bf16: 16-bit dot operands.
+    tolerance: dict[str, float] = field(default_factory=lambda: {"fp32": 5e-3, "bf16": 2e-2})
+
+
+def _qkv(B: int, T: int, H: int, K: int, V: int, gen: torch.Generator) -> Inputs:
+    r = lambda *shape: torch.randn(*shape, generator=gen)
+    return {"q": r(B, T, H, K), "k": r(B, T, H, K), "v": r(B, T, H, V)}
+
+
+def _lightning_inputs(B, T, H, K, V, strong_decay, gen) -> Inputs:
+    # log λ per head: strong decay reaches λ = e^-3 (state forgotten within a few tokens), weak stays
+    # above e^-0.05 (memory of hundreds of tokens, where long-range accumulation errors show).
+    top = 3.0 if strong_decay else 0.05
+    return {**_qkv(B, T, H, K, V, gen), "decay": -torch.rand(H, generator=gen) * top}
+
+
+def _fla_simple_gla(x: Inputs, initial_state=None, cu_seqlens=None):
+    from fla.ops.simple_gla import chunk_simple_gla
+
+    B, T, H, _ = x["q"].shape
+    g = x["decay"].float().view(1, 1, H).expand(B, T, H).contiguous()  # constant decay as a gate
+    return chunk_simple_gla(
+        x["q"], x["k"], x["v"], g=g, initial_state=initial_state, output_final_state=True,
+        cu_seqlens=None if cu_seqlens is None else cu_seqlens.long(),
+    )  # fmt: skip
+
+
+def _deltanet_inputs(B, T, H, K, V, strong_decay, gen) -> Inputs:
+    # q, k L2-normalised (the op's precondition). β up to 2 ("strong": negative eigenvalues, each
+    # token overwrites most of what its key held) or within (0, 1).
+    x = _qkv(B, T, H, K, V, gen)
+    beta = torch.rand(B, T, H, generator=gen) * (2.0 if strong_decay else 1.0)
+    return {**x, "q": F.normalize(x["q"], dim=-1), "k": F.normalize(x["k"], dim=-1), "beta": beta}
+
+
+def _fla_delta_rule(x: Inputs, initial_state=None, cu_seqlens=None):
+    from fla.ops.delta_rule import chunk_delta_rule
+
+    return chunk_delta_rule(
+        x["q"], x["k"], x["v"], x["beta"], initial_state=initial_state, output_final_state=True,
+        cu_seqlens=None if cu_seqlens is None else cu_seqlens.long(),
+    )  # fmt: skip
+
+
+OPS: dict[str, Op] = {
+    "lightning": Op(
+        make_inputs=_lightning_inputs,
+        grad_inputs=("q", "k", "v"),
+        run=lambda x, backend, **kw: lightning_attn(
+            x["q"], x["k"], x["v"], x["decay"].float(), output_final_state=True, backend=backend, **kw
+        ),
+        naive=lambda x, **kw: naive_lightning_attn(
+            x["q"],
+            x["k"],
+            x["v"],
+            x["decay"],
+            None,
+            kw["initial_state"],
+            True,
+            kw["cu_seqlens"],
+            x["q"].dtype,
+        ),
+        fla=_fla_simple_gla,
+        fla_name="fla.ops.simple_gla.chunk_simple_gla (g = decay broadcast over B, T)",
+    ),
+    "deltanet": Op(
+        make_inputs=_deltanet_inputs,
+        grad_inputs=("q", "k", "v", "beta"),
+        run=lambda x, backend, **kw: delta_rule_attn(
+            x["q"], x["k"], x["v"], x["beta"], output_final_state=True, backend=backend, **kw
+        ),
+        naive=lambda x, **kw: naive_delta_rule(
+            x["q"], x["k"], x["v"], x["beta"], None, kw["initial_state"], True, kw["cu_seqlens"], x["q"].dtype
+        ),
+        fla=_fla_delta_rule,
+        fla_name="fla.ops.delta_rule.chunk_delta_rule",
+    ),
+}
