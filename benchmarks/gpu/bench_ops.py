@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 from bench_lightning import make_method
 from common import Report, step_args
-from op_bench import measure
 from helpers import rel_rmse
+from op_bench import measure
 from ops import OPS
 
 SHAPES = {
