@@ -36,7 +36,7 @@ from torch import nn
 from lmstack.errors import ConfigError
 from lmstack.model.config import ModelConfig
 from lmstack.model.mixers import register
-from lmstack.model.mixers.base import BatchContext, MixerOutput, TokenMixer, continued_state
+from lmstack.model.mixers.base import BatchContext, MixerOutput, TokenMixer, run_recurrent_op
 from lmstack_kernels.lightning import MAX_HEAD_DIM, MIN_HEAD_DIM, lightning_attn
 
 CHUNK = 64  # the op's block length (Triton BT and the chunked PyTorch path)
@@ -152,22 +152,10 @@ class LightningAttention(TokenMixer):
         q = self._act(self.q_proj(x)).view(B, T, H, Dh)
         k = self._act(self.k_proj(x)).view(B, T, H, Dh)
         v = self.v_proj(x).view(B, T, H, Dh)
-        h0 = continued_state(state.kv if state is not None else None, context)
-        run = lambda *a, **kw: lightning_attn(
-            *a, self.log_decay, output_final_state=use_cache, backend=self.options.backend, **kw
+        op = lambda *qkv, **kw: lightning_attn(
+            *qkv, self.log_decay, output_final_state=use_cache, backend=self.options.backend, **kw
         )
-        if not context.packed:
-            o, ht = run(q, k, v, initial_state=h0)
-        else:  # documents as varlen pieces: the state restarts at every piece but each row's first
-            init = None
-            if h0 is not None:
-                init = h0.new_zeros(context.cu_seqlens.shape[0] - 1, *h0.shape[1:])
-                init[context.first_piece] = h0
-            flat = lambda t: t.reshape(1, B * T, H, Dh)
-            o, ht = run(flat(q), flat(k), flat(v), initial_state=init, cu_seqlens=context.cu_seqlens)
-            o = o.view(B, T, H, Dh)
-            if ht is not None:
-                ht = ht[context.last_piece]
+        o, ht = run_recurrent_op(op, (q, k, v), state.kv if state is not None else None, context)
         y = self.o_proj(self._norm_gate(o, self.u_proj(x)))
         return MixerOutput(y, LightningState(ht) if use_cache else None)
 
