@@ -163,27 +163,22 @@ def continued_state(state: torch.Tensor | None, context: BatchContext) -> torch.
     return state * context.continues.view(-1, *([1] * (state.dim() - 1))).to(state.dtype)
 
 
-def run_recurrent_op(
-    op, tensors: tuple[torch.Tensor, ...], state: torch.Tensor | None, context: BatchContext
-):
-    """Run a recurrent op over a batch of rows in one call: `op(*tensors, initial_state=...,
-    cu_seqlens=...) -> (o [B, T, H, V], final state [N, H, K, V] or None)`, with tensors
-    `[B, T, H, ...]` (the op's varlen convention when rows are packed).
-
-    `state` [B, H, K, V] is the incoming state: it applies to the first piece of each continuing row
-    (`continued_state`), later pieces start from zero. Returns (o, the state after each row's last
-    piece [B, H, K, V] or None)."""
-    h0 = continued_state(state, context)
+def run_by_pieces(op: Callable, tensors: tuple[torch.Tensor, ...], state, context: BatchContext, **kwargs):
+    """Run a state-passing op (`op(*tensors, initial_state=, cu_seqlens=, **kwargs) -> (o, final
+    state)`, e.g. `lightning_attn`, `gla_attn`) on `tensors` [B, T, H, *] under the context's
+    documents: as dense rows when no row is packed, else as varlen pieces over the flattened batch.
+    `state` [B, H, K, V] (from `continued_state`, or None) enters each row's first piece; later pieces
+    start from zero. Returns (o [B, T, H, V], the final state of each row's last piece, or None)."""
     if not context.packed:
-        return op(*tensors, initial_state=h0)
+        return op(*tensors, initial_state=state, **kwargs)
     B, T = tensors[0].shape[:2]
     init = None
-    if h0 is not None:
-        init = h0.new_zeros(context.cu_seqlens.shape[0] - 1, *h0.shape[1:])
-        init[context.first_piece] = h0
+    if state is not None:
+        init = state.new_zeros(context.cu_seqlens.shape[0] - 1, *state.shape[1:])
+        init[context.first_piece] = state
     flat = [t.reshape(1, B * T, *t.shape[2:]) for t in tensors]
-    o, ht = op(*flat, initial_state=init, cu_seqlens=context.cu_seqlens)
-    return o.view(B, T, *o.shape[2:]), (None if ht is None else ht[context.last_piece])
+    o, final = op(*flat, initial_state=init, cu_seqlens=context.cu_seqlens, **kwargs)
+    return o.view(B, T, *o.shape[2:]), (None if final is None else final[context.last_piece])
 
 
 class MixerOutput(NamedTuple):

@@ -31,7 +31,7 @@ from torch import nn
 from lmstack.errors import ConfigError
 from lmstack.model.config import ModelConfig
 from lmstack.model.mixers import register
-from lmstack.model.mixers.base import BatchContext, MixerOutput, TokenMixer, run_recurrent_op
+from lmstack.model.mixers.base import BatchContext, MixerOutput, TokenMixer, continued_state, run_by_pieces
 from lmstack.model.short_conv import ConvState, ShortConvolution
 from lmstack_kernels.deltanet import MAX_HEAD_DIM, MIN_HEAD_DIM, TRITON_CHUNK, delta_rule_attn
 
@@ -106,10 +106,15 @@ class DeltaNet(TokenMixer):
         beta = torch.sigmoid(self.beta_proj(x))
         if self.options.allow_neg_eigval:
             beta = 2 * beta
-        op = lambda *qkvb, **kw: delta_rule_attn(
-            *qkvb, output_final_state=use_cache, backend=self.options.backend, **kw
+        h0 = continued_state(state.recurrent if state is not None else None, context)
+        o, ht = run_by_pieces(
+            delta_rule_attn,
+            (q, k, v, beta),
+            h0,
+            context,
+            output_final_state=use_cache,
+            backend=self.options.backend,
         )
-        o, ht = run_recurrent_op(op, (q, k, v, beta), state.recurrent if state is not None else None, context)
         of = o.float()
         o = (of * torch.rsqrt(of.pow(2).mean(-1, keepdim=True) + self.config.norm_eps)).to(x.dtype)
         o = (o * self.norm_weight).reshape(B, T, H * Dh)

@@ -25,6 +25,7 @@ parallelism share one path.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -36,7 +37,7 @@ from torch import nn
 from lmstack.errors import ConfigError
 from lmstack.model.config import ModelConfig
 from lmstack.model.mixers import register
-from lmstack.model.mixers.base import BatchContext, MixerOutput, TokenMixer, run_recurrent_op
+from lmstack.model.mixers.base import BatchContext, MixerOutput, TokenMixer, continued_state, run_by_pieces
 from lmstack_kernels.lightning import MAX_HEAD_DIM, MIN_HEAD_DIM, lightning_attn
 
 CHUNK = 64  # the op's block length (Triton BT and the chunked PyTorch path)
@@ -152,10 +153,11 @@ class LightningAttention(TokenMixer):
         q = self._act(self.q_proj(x)).view(B, T, H, Dh)
         k = self._act(self.k_proj(x)).view(B, T, H, Dh)
         v = self.v_proj(x).view(B, T, H, Dh)
-        op = lambda *qkv, **kw: lightning_attn(
-            *qkv, self.log_decay, output_final_state=use_cache, backend=self.options.backend, **kw
+        h0 = continued_state(state.kv if state is not None else None, context)
+        op = functools.partial(lightning_attn, decay=self.log_decay)
+        o, ht = run_by_pieces(
+            op, (q, k, v), h0, context, output_final_state=use_cache, backend=self.options.backend
         )
-        o, ht = run_recurrent_op(op, (q, k, v), state.kv if state is not None else None, context)
         y = self.o_proj(self._norm_gate(o, self.u_proj(x)))
         return MixerOutput(y, LightningState(ht) if use_cache else None)
 
