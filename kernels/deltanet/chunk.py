@@ -50,7 +50,7 @@ def _grid(x: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
     """Blocks [1, H, n, C, D] -> [steps, N, H, C, D] by the block index of each (step, document)
     cell; index n (past the end) is an all-zero block, which leaves the state unchanged."""
     x = torch.cat([x[0], x.new_zeros(x.shape[1], 1, *x.shape[3:])], 1)  # [H, n + 1, C, D]
-    return x[:, cells].permute(1, 2, 0, 3, 4)
+    return x[:, cells].permute(1, 2, 0, 3, 4).contiguous()
 
 
 def _chunk_documents(
@@ -86,7 +86,7 @@ def _chunk_documents(
         pos = torch.cat([torch.arange(L) + f * C for L, f in zip(lengths, first)]).to(k.device)
         padded = lambda x: x.new_zeros(1, n * C, *x.shape[2:]).index_copy(1, pos, x)
         unpad = lambda o: o.index_select(1, pos)
-    blocks = lambda x: to_chunks(padded(x), n, C)
+    blocks = lambda x: to_chunks(padded(x), n, C).contiguous()  # strided batches make bmm slow on CPU
     # Zero padding is exact here: a padded token (k = 0, β = 0) leaves the state unchanged.
     kb, vb, betab = blocks(k), blocks(v), blocks(beta[..., None])[..., 0]
     W, U0 = _wy_factors(kb, vb, betab)
