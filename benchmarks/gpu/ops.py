@@ -19,7 +19,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
+from lmstack_kernels.deltanet import delta_rule_attn
+from lmstack_kernels.deltanet.naive import naive_delta_rule
 from lmstack_kernels.gla import gla_attn
 from lmstack_kernels.gla.naive import naive_gla
 from lmstack_kernels.lightning import lightning_attn
@@ -83,6 +86,23 @@ def _fla_gla(x: Inputs, initial_state=None, cu_seqlens=None):
     )  # fmt: skip
 
 
+def _deltanet_inputs(B, T, H, K, V, strong_decay, gen) -> Inputs:
+    # q, k L2-normalised (the op's precondition). β up to 2 ("strong": negative eigenvalues, each
+    # token overwrites most of what its key held) or within (0, 1).
+    x = _qkv(B, T, H, K, V, gen)
+    beta = torch.rand(B, T, H, generator=gen) * (2.0 if strong_decay else 1.0)
+    return {**x, "q": F.normalize(x["q"], dim=-1), "k": F.normalize(x["k"], dim=-1), "beta": beta}
+
+
+def _fla_delta_rule(x: Inputs, initial_state=None, cu_seqlens=None):
+    from fla.ops.delta_rule import chunk_delta_rule
+
+    return chunk_delta_rule(
+        x["q"], x["k"], x["v"], x["beta"], initial_state=initial_state, output_final_state=True,
+        cu_seqlens=None if cu_seqlens is None else cu_seqlens.long(),
+    )  # fmt: skip
+
+
 OPS: dict[str, Op] = {
     "lightning": Op(
         make_inputs=_lightning_inputs,
@@ -115,5 +135,17 @@ OPS: dict[str, Op] = {
         ),
         fla=_fla_gla,
         fla_name="fla.ops.gla.chunk_gla",
+    ),
+    "deltanet": Op(
+        make_inputs=_deltanet_inputs,
+        grad_inputs=("q", "k", "v", "beta"),
+        run=lambda x, backend, **kw: delta_rule_attn(
+            x["q"], x["k"], x["v"], x["beta"], output_final_state=True, backend=backend, **kw
+        ),
+        naive=lambda x, **kw: naive_delta_rule(
+            x["q"], x["k"], x["v"], x["beta"], None, kw["initial_state"], True, kw["cu_seqlens"], x["q"].dtype
+        ),
+        fla=_fla_delta_rule,
+        fla_name="fla.ops.delta_rule.chunk_delta_rule",
     ),
 }

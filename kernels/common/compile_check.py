@@ -41,9 +41,11 @@ def main(
     jobs: Callable[[int, bool], list[tuple[object, dict, int]]],
     fp32_args: set[str] = frozenset(),
     argv: list[str] | None = None,
+    arg_types: dict[str, str] | None = None,
 ) -> None:
     """`jobs(D, lowp)` -> [(kernel, constexprs, num_warps)] for head dims K = V = D; pointer
-    arguments are fp32 when named in FP32_ARGS or `fp32_args`, else of --dtype."""
+    arguments are fp32 when named in FP32_ARGS or `fp32_args`, else of --dtype; `arg_types` names
+    the type of any other argument (e.g. {"TT": "i32"})."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--dims", type=int, nargs="+", default=[64, 128], help="head dims (K = V)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
@@ -57,8 +59,9 @@ def main(
 
     for D in args.dims:
         for fn, consts, num_warps in jobs(D, args.dtype != "fp32"):
+            types = {"cu": "*i32", "scale": "fp32"} | (arg_types or {})
             sig = {
-                n: "constexpr" if n in consts else "*i32" if n == "cu" else "fp32" if n == "scale"
+                n: "constexpr" if n in consts else types[n] if n in types
                 else "*fp32" if n in FP32_ARGS | fp32_args else f"*{args.dtype}"
                 for n in fn.arg_names
             }  # fmt: skip

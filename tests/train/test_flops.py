@@ -31,6 +31,11 @@ HAND = {
     # intra-chunk QK^T and PV over the full C x C block, 2*C*Dh each per head: 4 * (2*16*16*2) = 4096;
     # q.S (inter-chunk) and k v^T (state update), 2*Dh*Dh each per head: 4 * (2*16*16*2) = 4096.
     "lightning": 32768 + 8192 + 4096 + 4096,
+    # q, k, v: 2*64*192 = 24576; β: 2*64*4 = 512; o: 8192. Short conv of 4 taps on the 192 q/k/v
+    # channels: 2*192*4 = 1536. Per head, chunk C = min(32, T) = 16: KK^T, QK^T, W, U0 and tril(QK^T)U,
+    # 2*C*Dh each: 5 * 512 = 2560; WS, QS and K^T U, 2*Dh*Dh each: 3 * 512 = 1536; the UT transform,
+    # log2(16) = 4 doubling steps of two C x C products: 4 * 2 * 2*16*16 = 4096 -> 4 * 8192 = 32768.
+    "deltanet": 24576 + 512 + 8192 + 1536 + 32768,
     # depthwise kernel of 4 taps on 64 channels: 2*64*4 = 512.
     "shortconv": 512,
     # Keys 0.5*64 = 32 (K = 8 per head), values 64 (V = 16). q, k: 2*64*32 each = 8192; v, output gate

@@ -33,6 +33,7 @@ def get_mixer(name: str) -> type[TokenMixer]:
 
 # One line per mixer.
 from lmstack.model.mixers import attention
+from lmstack.model.mixers import deltanet
 from lmstack.model.mixers import gla
 from lmstack.model.mixers import lightning
 from lmstack.model.mixers import moh

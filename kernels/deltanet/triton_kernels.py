@@ -1,0 +1,259 @@
+"""DeltaNet (the delta rule) in Triton: chunked forward and backward, fp32 accumulation.
+
+Every program owns one (sequence, head) pair and one tile of the state's V dimension (the state
+update S ← S + Kᵀ(U⁰ − W S) keeps V columns independent, so the [K, V-tile] state stays in
+registers), and walks its sequence in blocks of BT tokens (Yang et al. 2024; MATH.md):
+- per block, the UT transform T = (I + tril(diag(β) K Kᵀ, -1))⁻¹ by forward substitution in fp32,
+  then W = T diag(β) K and U = T diag(β) V − W S, all matrix multiplies;
+- o = scale · (Q S + tril(Q Kᵀ) U), and S ← S + Kᵀ U.
+
+Kernels:
+- `_fwd_kernel`  grid (N*H, V tiles): o and the final state, forward in time; with STORE_STATES it
+  instead writes the state entering every block (the backward's recomputation).
+- `_bwd_kernel`  grid (N*H, V tiles): backward in time with the carry dS (gradient of the state at the
+  block end): dv and d(initial state) exactly, and this V tile's share of dq, dk and dβ (they sum
+  over V; the shares are added up afterwards).
+Sequences are always addressed through `cu_seqlens` over flattened tokens (a dense batch is B equal
+documents). Tails are masked: rows past the end load k = v = 0 and β = 0, which leave the state as it
+is, so partial blocks need no special case.
+
+Inputs are loaded in their own dtype; on a GPU with 16-bit inputs the tl.dot operands are 16-bit
+(fp32 accumulate), the UT transform and the carried states are always fp32; otherwise (fp32 inputs,
+or the CPU interpreter, whose bf16 arithmetic is wrong) everything is computed in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lmstack_kernels.common.triton_utils import (
+    HAS_TRITON,
+    interpreting,
+    launch_opts,
+    load_tile,
+    pow2,
+    tl,
+    triton,
+)
+
+__all__ = ["DeltaRuleFunction", "HAS_TRITON", "interpreting"]
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _ut_transform(b_kk, b_beta, o_t, BT: tl.constexpr):
+        """(I + tril(diag(β) K Kᵀ, -1))⁻¹ [BT, BT] in fp32 from the Gram matrix b_kk = K Kᵀ, by block
+        doubling (MATH.md, "The UT transform"): with D the inverses of the diagonal blocks of size b,
+        the blocks of size 2b are D − D C D, C the lower-left b-blocks of the matrix. Exact block
+        forward substitution, log2(BT) steps of two matrix multiplies each, in IEEE fp32."""
+        strict = o_t[:, None] > o_t[None, :]
+        b_l = tl.where(strict, b_kk * b_beta[:, None], 0.0)
+        b_d = (o_t[:, None] == o_t[None, :]).to(tl.float32)
+        for s in tl.static_range(0, 8):
+            if (1 << s) < BT:
+                lower_left = ((o_t[:, None] >> (s + 1)) == (o_t[None, :] >> (s + 1))) & (
+                    (o_t[:, None] >> s) != (o_t[None, :] >> s)
+                )
+                b_c = tl.where(lower_left & strict, b_l, 0.0)
+                b_cd = tl.dot(b_c, b_d, input_precision="ieee")
+                b_d -= tl.dot(b_d, b_cd, input_precision="ieee")
+        return b_d
+
+    @triton.jit
+    def _fwd_kernel(
+        q, k, v, beta, h0, o, ht, states, cu, chunk_offsets, scale,
+        H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+        BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+        USE_H0: tl.constexpr, STORE_O: tl.constexpr, STORE_HT: tl.constexpr,
+        STORE_STATES: tl.constexpr, LOWP: tl.constexpr,
+    ):  # fmt: skip
+        i_nh, i_v = tl.program_id(0), tl.program_id(1)
+        i_n, i_h = i_nh // H, i_nh % H
+        bos = tl.load(cu + i_n).to(tl.int64)
+        L = tl.load(cu + i_n + 1).to(tl.int64) - bos
+        o_t = tl.arange(0, BT)
+        o_k = tl.arange(0, BK)
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_k, m_v = o_k < K, o_v < V
+        m_kv = m_k[:, None] & m_v[None, :]
+        p_kv = o_k[:, None] * V + o_v[None, :]
+        causal = o_t[:, None] >= o_t[None, :]
+        b_h = tl.zeros([BK, BV], dtype=tl.float32)
+        if USE_H0:
+            b_h += tl.load(h0 + i_nh.to(tl.int64) * K * V + p_kv, mask=m_kv, other=0.0).to(tl.float32)
+        if STORE_STATES:
+            first_chunk = tl.load(chunk_offsets + i_n).to(tl.int64)
+        for start in range(0, L, BT):
+            m_t = o_t < L - start
+            row = (bos + start + o_t) * H + i_h
+            b_k = load_tile(k + row[:, None] * K + o_k[None, :], m_t[:, None] & m_k[None, :], LOWP)
+            b_v = load_tile(v + row[:, None] * V + o_v[None, :], m_t[:, None] & m_v[None, :], LOWP)
+            b_beta = tl.load(beta + row, mask=m_t, other=0.0).to(tl.float32)
+            if STORE_STATES:
+                p_s = ((first_chunk + start // BT) * H + i_h) * K * V + p_kv
+                tl.store(states + p_s, b_h, mask=m_kv)
+            b_T = _ut_transform(tl.dot(b_k, tl.trans(b_k)), b_beta, o_t, BT).to(b_k.dtype)
+            b_w = tl.dot(b_T, (b_k * b_beta[:, None]).to(b_k.dtype))
+            b_u = tl.dot(b_T, (b_v * b_beta[:, None]).to(b_v.dtype))
+            b_u -= tl.dot(b_w.to(b_k.dtype), b_h.to(b_k.dtype))
+            if STORE_O:
+                b_q = load_tile(q + row[:, None] * K + o_k[None, :], m_t[:, None] & m_k[None, :], LOWP)
+                b_s = tl.where(causal, tl.dot(b_q, tl.trans(b_k)), 0.0) * scale
+                b_o = tl.dot(b_q, b_h.to(b_q.dtype)) * scale + tl.dot(b_s.to(b_v.dtype), b_u.to(b_v.dtype))
+                tl.store(
+                    o + row[:, None] * V + o_v[None, :],
+                    b_o.to(o.dtype.element_ty),
+                    mask=m_t[:, None] & m_v[None, :],
+                )
+            b_h += tl.dot(tl.trans(b_k), b_u.to(b_k.dtype))
+        if STORE_HT:
+            tl.store(ht + i_nh.to(tl.int64) * K * V + p_kv, b_h, mask=m_kv)
+
+    @triton.jit
+    def _bwd_kernel(
+        q, k, v, beta, states, dht, do, dq, dk, dv, dbeta, dh0, cu, chunk_offsets, scale, TT,
+        H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+        BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+        USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, LOWP: tl.constexpr,
+    ):  # fmt: skip
+        # Per block, backward in time (MATH.md, "Backward"); b_h is the state entering the block
+        # (recomputed by the forward kernel), b_dh the gradient of the state at the block end.
+        i_nh, i_v = tl.program_id(0), tl.program_id(1)
+        i_n, i_h = i_nh // H, i_nh % H
+        bos = tl.load(cu + i_n).to(tl.int64)
+        L = tl.load(cu + i_n + 1).to(tl.int64) - bos
+        first_chunk = tl.load(chunk_offsets + i_n).to(tl.int64)
+        o_t = tl.arange(0, BT)
+        o_k = tl.arange(0, BK)
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_k, m_v = o_k < K, o_v < V
+        m_kv = m_k[:, None] & m_v[None, :]
+        p_kv = o_k[:, None] * V + o_v[None, :]
+        causal = o_t[:, None] >= o_t[None, :]
+        strict = o_t[:, None] > o_t[None, :]
+        share = i_v.to(tl.int64) * TT * H  # this V tile's slice of the dq, dk, dβ shares
+        b_dh = tl.zeros([BK, BV], dtype=tl.float32)
+        if USE_DHT:
+            b_dh += tl.load(dht + i_nh.to(tl.int64) * K * V + p_kv, mask=m_kv, other=0.0).to(tl.float32)
+        nb = tl.cdiv(L, BT)
+        for ib in range(0, nb):
+            c = nb - 1 - ib
+            start = c * BT
+            m_t = o_t < L - start
+            m_tk = m_t[:, None] & m_k[None, :]
+            m_tv = m_t[:, None] & m_v[None, :]
+            row = (bos + start + o_t) * H + i_h
+            b_q = load_tile(q + row[:, None] * K + o_k[None, :], m_tk, LOWP)
+            b_k = load_tile(k + row[:, None] * K + o_k[None, :], m_tk, LOWP)
+            b_v = load_tile(v + row[:, None] * V + o_v[None, :], m_tv, LOWP)
+            b_do = load_tile(do + row[:, None] * V + o_v[None, :], m_tv, LOWP)
+            b_beta = tl.load(beta + row, mask=m_t, other=0.0).to(tl.float32)
+            b_h = tl.load(states + ((first_chunk + c) * H + i_h) * K * V + p_kv, mask=m_kv, other=0.0)
+            dt = b_k.dtype
+            b_kk = tl.dot(b_k, tl.trans(b_k))
+            b_T = _ut_transform(b_kk, b_beta, o_t, BT)
+            b_vt = b_v - tl.dot(b_k, b_h.to(dt))  # Ṽ = V − K S: what the keys do not yet recall
+            b_u = tl.dot(b_T.to(dt), (b_vt * b_beta[:, None]).to(dt))  # U = T diag(β) Ṽ
+            b_s = tl.where(causal, tl.dot(b_q, tl.trans(b_k)), 0.0) * scale  # [i, j]
+            b_du = tl.dot(tl.trans(b_s).to(dt), b_do.to(dt)) + tl.dot(b_k, b_dh.to(dt))
+            b_dp = tl.where(causal, tl.dot(b_do.to(dt), tl.trans(b_u.to(dt))), 0.0) * scale  # [i, j]
+            b_dq = tl.dot(b_do.to(dt), tl.trans(b_h.to(dt))) * scale + tl.dot(b_dp.to(dt), b_k)
+            b_dk = tl.dot(tl.trans(b_dp).to(dt), b_q) + tl.dot(b_u.to(dt), tl.trans(b_dh.to(dt)))
+            b_dx = tl.dot(tl.trans(b_T).to(dt), b_du.to(dt))  # dX, X = diag(β) Ṽ
+            b_dvt = b_dx * b_beta[:, None]
+            b_dk -= tl.dot(b_dvt.to(dt), tl.trans(b_h.to(dt)))
+            b_g = -tl.where(strict, tl.dot(b_dx.to(dt), tl.trans(b_u.to(dt))), 0.0)  # dL (this tile's)
+            b_dk += tl.dot(b_g.to(dt), b_k) * b_beta[:, None]
+            b_dk += tl.dot(tl.trans(b_g).to(dt), (b_k * b_beta[:, None]).to(dt))
+            b_dbeta = tl.sum(b_dx * b_vt, 1) + tl.sum(b_g * b_kk, 1)
+            tl.store(dv + row[:, None] * V + o_v[None, :], b_dvt.to(dv.dtype.element_ty), mask=m_tv)
+            tl.store(dq + (share + row)[:, None] * K + o_k[None, :], b_dq, mask=m_tk)
+            tl.store(dk + (share + row)[:, None] * K + o_k[None, :], b_dk, mask=m_tk)
+            tl.store(dbeta + share + row, b_dbeta, mask=m_t)
+            b_dh += tl.dot(tl.trans(b_q).to(dt), b_do.to(dt)) * scale
+            b_dh -= tl.dot(tl.trans(b_k), b_dvt.to(dt))
+        if STORE_DH0:
+            tl.store(dh0 + i_nh.to(tl.int64) * K * V + p_kv, b_dh, mask=m_kv)
+
+
+def tiles(K: int, V: int) -> tuple[int, int]:
+    """(BK, BV): the whole key dimension (padded to a power of two) and a V tile of 64, or 32 above
+    K = 64 to bound the registers of the backward program. Not yet tuned on a GPU."""
+    BK = max(16, pow2(K))
+    return BK, max(16, min(64 if BK <= 64 else 32, pow2(V)))
+
+
+def _chunk_offsets(cu: torch.Tensor, BT: int) -> tuple[torch.Tensor, int]:
+    """Index of each sequence's first block among all blocks, and a bound on the block count
+    (Σ ⌈L_n / BT⌉ ≤ TT // BT + N) that needs no device-to-host copy."""
+    n_blocks = (cu[1:] - cu[:-1] + BT - 1) // BT
+    return (n_blocks.cumsum(0) - n_blocks).to(torch.int32), int(cu.numel() - 1)
+
+
+def delta_rule_fwd(q, k, v, beta, scale, h0, cu, output_final_state, BT, store_states=False):
+    """q, k: [1, TT, H, K]; v: [1, TT, H, V]; beta: [1, TT, H] contiguous; h0: [N, H, K, V] fp32 or
+    None; cu: [N+1] int32 on q's device. Returns (o like v or None, final state fp32 or None, states
+    [blocks, H, K, V] fp32 entering every block or None); with `store_states` only the states."""
+    _, TT, H, K = k.shape
+    V = v.shape[-1]
+    N = cu.numel() - 1
+    lowp = k.dtype != torch.float32 and not interpreting()
+    o = None if store_states else torch.empty_like(v)
+    ht = k.new_empty(N, H, K, V, dtype=torch.float32) if output_final_state else None
+    offsets, states = None, None
+    if store_states:
+        offsets, n_seq = _chunk_offsets(cu, BT)
+        states = k.new_empty(TT // BT + n_seq, H, K, V, dtype=torch.float32)
+    BK, BV = tiles(K, V)
+    _fwd_kernel[(N * H, triton.cdiv(V, BV))](
+        q, k, v, beta, h0, o, ht, states, cu, offsets, scale, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
+        USE_H0=h0 is not None, STORE_O=not store_states, STORE_HT=output_final_state,
+        STORE_STATES=store_states, LOWP=lowp, **launch_opts(BK),
+    )  # fmt: skip
+    return o, ht, (states, offsets)
+
+
+def delta_rule_bwd(q, k, v, beta, scale, h0, cu, do, dht, need_dh0, BT):
+    """Gradients (dq, dk, dv, dbeta, dh0 or None) for `delta_rule_fwd`; dht is the final state's
+    gradient (or None)."""
+    _, TT, H, K = k.shape
+    V = v.shape[-1]
+    N = cu.numel() - 1
+    lowp = k.dtype != torch.float32 and not interpreting()
+    _, _, (states, offsets) = delta_rule_fwd(q, k, v, beta, scale, h0, cu, False, BT, store_states=True)
+    BK, BV = tiles(K, V)
+    NV = triton.cdiv(V, BV)
+    dq = q.new_empty(NV, TT, H, K, dtype=torch.float32)
+    dk = torch.empty_like(dq)
+    dbeta = q.new_empty(NV, TT, H, dtype=torch.float32)
+    dv = torch.empty_like(v)
+    dh0 = q.new_empty(N, H, K, V, dtype=torch.float32) if need_dh0 else None
+    _bwd_kernel[(N * H, NV)](
+        q, k, v, beta, states, dht, do.contiguous(), dq, dk, dv, dbeta, dh0, cu, offsets, scale, TT,
+        H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_DHT=dht is not None, STORE_DH0=need_dh0,
+        LOWP=lowp, **launch_opts(BK),
+    )  # fmt: skip
+    sum_shares = lambda x, like: x.sum(0).to(like.dtype).view(like.shape)
+    return sum_shares(dq, q), sum_shares(dk, k), dv, sum_shares(dbeta, beta), dh0
+
+
+class DeltaRuleFunction(torch.autograd.Function):
+    """Autograd wiring of the Triton kernels (inputs already validated, flattened to B = 1 and made
+    contiguous by `delta_rule_attn`)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, beta, scale, h0, cu, output_final_state, BT):
+        o, ht, _ = delta_rule_fwd(q, k, v, beta, scale, h0, cu, output_final_state, BT)
+        ctx.save_for_backward(q, k, v, beta, h0, cu)
+        ctx.scale, ctx.BT = scale, BT
+        ctx.set_materialize_grads(False)  # an unused final state passes None, not a zero tensor
+        return o, ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        q, k, v, beta, h0, cu = ctx.saved_tensors
+        if do is None:
+            do = torch.zeros_like(v)
+        need_dh0 = h0 is not None and ctx.needs_input_grad[5]
+        dq, dk, dv, dbeta, dh0 = delta_rule_bwd(q, k, v, beta, ctx.scale, h0, cu, do, dht, need_dh0, ctx.BT)
+        return dq, dk, dv, dbeta, None, dh0, None, None, None
