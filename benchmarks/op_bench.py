@@ -1,8 +1,10 @@
-"""Shared machinery of the op benchmarks (`bench_lightning.py`, `bench_gla.py`): timing, peak memory,
+"""Shared machinery of the op benchmarks (`bench_lightning.py`, `bench_gla.py`, `bench_deltanet.py`, and
+the GPU suite's op timing): timing, peak memory,
 the JSON record and the plot. An op's script supplies its methods and inputs and calls `run`.
 
 Timing: medians (or `--stat min`) over `--reps` runs after `--warmup` runs (CUDA: events around each
-call after a synchronize; CPU: perf_counter). Peak memory: CUDA `max_memory_allocated` above what was
+call after a synchronize; CPU: perf_counter, or with `--clock cpu` the process's CPU time, which with
+`--threads 1` does not count the time other processes take the cores from it). Peak memory: CUDA `max_memory_allocated` above what was
 allocated before the call; CPU: the peak of tensor storages allocated during the call (tracked with a
 TorchDispatchMode in a separate, untimed run), inputs excluded. The 1-minute load average before and
 after is recorded: on a shared host, timings are only as good as its idle time.
@@ -96,9 +98,16 @@ def unavailable(name: str, device: torch.device, fla_module: str) -> str | None:
 
 
 def timer(
-    device: torch.device, fn: Callable[[], object], pre: Callable[[], object] | None, warmup, reps, stat
+    device: torch.device,
+    fn: Callable[[], object],
+    pre: Callable[[], object] | None,
+    warmup,
+    reps,
+    stat,
+    clock: str = "wall",
 ):
-    """Median (or min) ms of fn() (pre() runs untimed before each call)."""
+    """Median (or min) ms of fn() (pre() runs untimed before each call). On CPU, `clock` "cpu" counts
+    the process's CPU time instead of wall time: with one thread, robust to other load on the host."""
     times = []
     for i in range(warmup + reps):
         arg = pre() if pre is not None else None
@@ -111,9 +120,10 @@ def timer(
             torch.cuda.synchronize()
             ms = start.elapsed_time(end)
         else:
-            t0 = time.perf_counter()
+            now = time.process_time if clock == "cpu" else time.perf_counter
+            t0 = now()
             fn(arg)
-            ms = (time.perf_counter() - t0) * 1e3
+            ms = (now() - t0) * 1e3
         if i >= warmup:
             times.append(ms)
     return min(times) if stat == "min" else statistics.median(times)
@@ -142,6 +152,7 @@ def measure(
     warmup,
     reps,
     stat,
+    clock: str = "wall",
 ) -> dict:
     """Forward (no grad), backward and forward+backward times of `fn() -> o` and their peak memory;
     `params` are the leaves that take gradients, `do` the gradient of o, `tokens` the tokens per call."""
@@ -158,9 +169,9 @@ def measure(
     def fwd_bwd(_=None):
         make_graph().backward(do)
 
-    row = {"fwd_ms": timer(device, forward, None, warmup, reps, stat)}
-    row["bwd_ms"] = timer(device, lambda o: o.backward(do), make_graph, warmup, reps, stat)
-    row["fwdbwd_ms"] = timer(device, fwd_bwd, None, warmup, reps, stat)
+    row = {"fwd_ms": timer(device, forward, None, warmup, reps, stat, clock)}
+    row["bwd_ms"] = timer(device, lambda o: o.backward(do), make_graph, warmup, reps, stat, clock)
+    row["fwdbwd_ms"] = timer(device, fwd_bwd, None, warmup, reps, stat, clock)
     row["fwd_peak_mib"] = peak_mib(device, forward, [*params, do])
     row["fwdbwd_peak_mib"] = peak_mib(device, fwd_bwd, [*params, do])
     row["fwd_tokens_per_s"] = tokens / (row["fwd_ms"] / 1e3)
@@ -213,6 +224,12 @@ def parser(description: str, methods: list[str], tag: str) -> argparse.ArgumentP
     p.add_argument(
         "--stat", choices=["median", "min"], default="median", help="min: for a shared, noisy host"
     )
+    p.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="CPU only: cpu = process CPU time (with --threads 1, robust to other load on the host)",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, default=None, help=f"default: benchmarks/results/{tag}_<device>.json")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -253,7 +270,7 @@ def run(
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "shape": {"B": args.B, "tokens_per_batch": args.tokens_per_batch, "H": args.H, "D": args.D, "dtype": dtype_name},
         **notes,
-        "timing": f"{args.stat} of {args.reps} runs after {args.warmup} warmup; ms",
+        "timing": f"{args.stat} of {args.reps} runs after {args.warmup} warmup; ms of {args.clock} time",
         "skipped": {},
         "results": [],
     }  # fmt: skip
@@ -273,7 +290,9 @@ def run(
             row = {"method": name, "B": B, "T": T}
             try:
                 call = lambda fn=fn, inputs=inputs: fn(*inputs)
-                row.update(measure(call, inputs, do, B * T, device, args.warmup, args.reps, args.stat))
+                row.update(
+                    measure(call, inputs, do, B * T, device, args.warmup, args.reps, args.stat, args.clock)
+                )
             except torch.OutOfMemoryError:
                 row = {"method": name, "B": B, "T": T, "error": "out of memory"}
                 torch.cuda.empty_cache()
