@@ -19,9 +19,10 @@ from lmstack.config.schema import RunConfig
 from lmstack.data.reader import IGNORE_INDEX
 from lmstack.errors import LMStackError
 from lmstack.model import LM, BatchContext
+from lmstack.parallel import build_layout
 from lmstack.train import distributed
 from lmstack.train.checkpoint import Checkpointer, complete_tags, fault, latest_tag
-from lmstack.train.data import DataSource, check_prepared, prepared_source
+from lmstack.train.data import DataSource, SequenceSlices, check_prepared, prepared_source
 from lmstack.train.metrics import RunLogger, memory_stats, peak_flops
 from lmstack.train.optim import build_optimizer, lr_at
 
@@ -154,8 +155,15 @@ class Trainer:
         t = config.train
         # Mistakes a user can make are reported before any process group or model is built.
         world = int(os.environ.get("WORLD_SIZE", "1"))
+        sp_size = config.parallel.sequence_parallel_size
+        if world % sp_size:
+            raise LMStackError(
+                f"parallel.sequence_parallel_size={sp_size} does not divide the {world} ranks (WORLD_SIZE)"
+            )
         self.micro_batch = t.micro_batch_size
-        self.grad_accum = batch_layout(t.global_batch_size, t.micro_batch_size, t.grad_accum, world)
+        self.grad_accum = batch_layout(
+            t.global_batch_size, t.micro_batch_size, t.grad_accum, world // sp_size
+        )
         self.seq_len = config.data.seq_len
         if self.seq_len > config.model.max_seq_len:
             raise LMStackError(
@@ -177,8 +185,15 @@ class Trainer:
         self.device = self.dist.device
         if self.dist.world_size != world:
             raise LMStackError(f"WORLD_SIZE={world} but the process group has {self.dist.world_size} ranks")
-
-        self.data: DataSource = source_factory(config, self.dist.rank, world, self.micro_batch)
+        # Data-parallel replicas read different rows; the ranks of a sequence group the same rows,
+        # each keeping its slice (lmstack.parallel).
+        self.layout = build_layout(self.dist.rank, world, sp_size)
+        self.sp = self.layout.sequence
+        self.data: DataSource = source_factory(
+            config, self.layout.dp_rank, self.layout.dp_size, self.micro_batch
+        )
+        if self.sp is not None:
+            self.data = SequenceSlices.of_source(self.data, self.sp.rank, self.sp.size)
         if self.data.vocab_size is not None and self.data.vocab_size > config.model.vocab_size:
             raise LMStackError(
                 f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's vocabulary "
@@ -290,7 +305,9 @@ class Trainer:
         accumulated (detached) into `self.aux_sums` for the step's metrics."""
         ids = batch.input_ids.to(self.device, non_blocking=True)
         labels = batch.labels.to(self.device, non_blocking=True)
-        out = self.engine(ids, BatchContext.from_doc_ids(batch.doc_ids, self.device))
+        context = BatchContext.from_doc_ids(batch.doc_ids, self.device, offsets=batch.doc_offsets)
+        context.sequence_parallel = self.sp
+        out = self.engine(ids, context)
         loss_sum = F.cross_entropy(
             out.logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
         )
@@ -313,10 +330,19 @@ class Trainer:
         bad = torch.zeros((), device=self.device)
         nan_here = _fault_steps("nan_at").__contains__(self.step + 1) and self.dist.is_main
         self.aux_sums = {}
+        if self.sp is not None:
+            self.sp.take_bytes()  # count this step's communication only
         for micro in range(self.grad_accum):
             loss_sum, n_tokens, aux_loss = self._forward_loss(next(self.data.train))
+            sp_size = 1
+            if self.sp is not None:
+                # Token-weighted over the whole sequence: this slice's share of the group's mean. The
+                # factor sp_size turns the engine's mean over all ranks into a sum over each
+                # sequence group (see lmstack.parallel.groups).
+                dist.all_reduce(n_tokens, group=self.sp.group)
+                sp_size = self.sp.size
             lm_loss = loss_sum / n_tokens.clamp_min(1)
-            loss = lm_loss + aux_loss
+            loss = sp_size * lm_loss + aux_loss
             if nan_here:
                 loss = loss * float("nan")
             finite = torch.isfinite(loss.detach())
@@ -357,10 +383,12 @@ class Trainer:
             grad_norm = grad_norm.item()
         self.step += 1
         self.tokens += self.tokens_per_step
-        n = self.grad_accum * self.dist.world_size
+        comm = self.sp.take_bytes() if self.sp is not None else {}
         return {
-            **self._aux_metrics(n),
-            "loss": float("nan") if skipped else loss_total / n,
+            **self._aux_metrics(self.grad_accum * self.dist.world_size),
+            # every micro-batch's loss is the sum of its sequence group's slice shares
+            "loss": float("nan") if skipped else loss_total / (self.grad_accum * self.layout.dp_size),
+            **{f"comm/sp_bytes/layer{i}": b for i, b in sorted(comm.items())},
             "lr": lr,
             "grad_norm": grad_norm,
             "skipped": skipped,
@@ -400,7 +428,7 @@ class Trainer:
         if n_batches is None and hasattr(source, "__len__"):
             per_rank = len(source)
         else:
-            per_rank = -(-(n_batches or 16) // self.dist.world_size)
+            per_rank = -(-(n_batches or 16) // self.layout.dp_size)
         for _ in range(per_rank):
             try:
                 batch = next(it)
@@ -433,6 +461,7 @@ class Trainer:
                     "params": self.n_params,
                     "flops_per_token": self.flops_per_token,
                     "world_size": self.dist.world_size,
+                    "sequence_parallel_size": self.layout.sp_size,
                     "grad_accum": self.grad_accum,
                     "tokens_per_step": self.tokens_per_step,
                     "total_steps": self.total_steps,
@@ -493,7 +522,7 @@ class Trainer:
                         if self.peak
                         else None,
                         **memory_stats(self.device),
-                        **{k: v for k, v in m.items() if k.startswith("aux/")},
+                        **{k: v for k, v in m.items() if k.startswith(("aux/", "comm/"))},
                     }
                     logger.log("train", self.step, record)
                     last = record

@@ -9,6 +9,9 @@ Which kernel runs:
 Masks come from positions alone: key s may be seen by query t (both counted in the row including
 cached tokens) iff `s <= t` and `t - s <= positions[t]`, i.e. s is in t's document. The KV cache of a
 row holds the keys of all its tokens; keys from an earlier document are masked the same way.
+
+Sequence parallelism (LASP-2H): the keys and values of the earlier ranks' slices, gathered once per
+layer, are this slice's incoming cache; the mask above then applies unchanged (explicit-mask path).
 """
 
 from __future__ import annotations
@@ -92,6 +95,7 @@ def flex_attention(q, k, v, block_mask, enable_gqa: bool) -> torch.Tensor:
 @register("attention")
 class Attention(TokenMixer):
     Options = AttentionOptions
+    supports_sequence_parallel = True
 
     def __init__(self, config: ModelConfig, layer_idx: int, options: AttentionOptions) -> None:
         super().__init__(config, layer_idx, options)
@@ -124,6 +128,10 @@ class Attention(TokenMixer):
         positions = context.positions[:1] if same_rows else context.positions
         cos, sin = rotary_cos_sin(positions, self.head_dim, self.config.rope_theta, q.dtype)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if context.sequence_parallel is not None:  # LASP-2H: earlier slices' keys/values as a cache
+            kv = context.sequence_parallel.preceding(torch.cat([k, v], dim=-1))
+            state = KVState(*kv.split(self.head_dim, dim=-1))
+            past = state.length
         if state is not None:
             k = torch.cat([state.k, k], dim=1)
             v = torch.cat([state.v, v], dim=1)

@@ -1,0 +1,54 @@
+"""Data-parallel × sequence-parallel process groups.
+
+The world of W = D × S ranks splits into D sequence-parallel groups of S consecutive ranks (on GPUs:
+within a node, where the per-layer gathers are cheapest): rank g = d · S + s is slice s of
+data-parallel replica d. The ranks of one sequence group read the same rows and each holds one
+contiguous slice of them; data-parallel replicas read different rows.
+
+Gradients: the ranks of a sequence group hold gradients of slices of one loss, to be summed; the
+replicas' gradients are to be averaged. Both are linear, so one all-reduce over the whole world does
+it, given that each rank's loss is multiplied by S: mean over D·S ranks of S·g = (1/D) Σ_d Σ_s g.
+DeepSpeed therefore runs over the whole world as its data-parallel group (ZeRO shards over all W
+ranks, as DeepSpeed-Ulysses does with its sequence-data-parallel group), and the trainer scales.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lmstack.parallel.sequence import SequenceParallel
+
+
+@dataclass
+class ParallelLayout:
+    """This rank's place: data-parallel replica `dp_rank` of `dp_size`, and its sequence group
+    (None without sequence parallelism)."""
+
+    dp_rank: int
+    dp_size: int
+    sequence: SequenceParallel | None
+
+    @property
+    def sp_size(self) -> int:
+        return self.sequence.size if self.sequence is not None else 1
+
+    @property
+    def sp_rank(self) -> int:
+        return self.sequence.rank if self.sequence is not None else 0
+
+
+def build_layout(rank: int, world: int, sp_size: int) -> ParallelLayout:
+    """Create the sequence-parallel groups (a collective: every rank calls it with the same sizes)."""
+    if world % sp_size:
+        raise ValueError(f"sp_size: {sp_size} does not divide the world size {world}")
+    if sp_size == 1:
+        return ParallelLayout(rank, world, None)
+    import torch.distributed as dist
+
+    own = None
+    for d in range(world // sp_size):
+        ranks = list(range(d * sp_size, (d + 1) * sp_size))
+        group = dist.new_group(ranks)  # every rank creates every group, in the same order
+        if rank in ranks:
+            own = group
+    return ParallelLayout(rank // sp_size, world // sp_size, SequenceParallel(own, rank % sp_size, sp_size))

@@ -1,0 +1,100 @@
+"""torchrun worker of tests/parallel/test_lasp.py: `lasp_worker.py OUT.json MIXER_SPEC...`.
+
+Every rank runs its slice of the same rows through the same model (one sequence-parallel group of
+all ranks) and back-propagates the same per-logit weights; gradients are summed over the group.
+Rank 0 also runs the whole rows in one pass and writes the relative RMSE of the gathered logits and
+of every parameter gradient, and the bytes each layer sent, to OUT.json.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from helpers import rel_rmse  # noqa: E402
+
+from lmstack.model import LM, BatchContext, ModelConfig  # noqa: E402
+from lmstack.parallel import build_layout  # noqa: E402
+
+VOCAB = 61
+
+
+def doc_ids(world: int, n: int) -> torch.Tensor:
+    """Rows of world·n tokens: documents crossing every cut, one starting exactly on each cut, and
+    one document over the whole row (its state crosses every slice)."""
+    T = world * n
+    cuts = [r * n for r in range(1, world)]
+    crossing = torch.zeros(T, dtype=torch.long)
+    for c in cuts:
+        crossing[c - n // 3 :] += 1  # a document starts a third of a slice before each cut
+    on_cut = torch.zeros(T, dtype=torch.long)
+    for c in cuts:
+        on_cut[c:] += 1
+    return torch.stack([crossing, on_cut, torch.zeros(T, dtype=torch.long)])
+
+
+def model_config(spec: str) -> ModelConfig:
+    layers = spec.split("+")
+    cfg = ModelConfig(
+        vocab_size=VOCAB, d_model=64, n_layers=len(layers), n_heads=4, n_kv_heads=2, max_seq_len=256,
+        layer_mixers=layers,
+    )  # fmt: skip
+    cfg.validate()
+    return cfg
+
+
+def run(model: LM, ids, weights, context) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, all parameter gradients flattened) of loss = Σ logits · weights."""
+    model.zero_grad()
+    logits = model(ids, context).logits
+    (logits * weights).sum().backward()
+    return logits.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+def main() -> None:
+    out_path, specs = sys.argv[1], sys.argv[2:]
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    sp = build_layout(rank, world, world).sequence
+    report = {}
+    for spec in specs:
+        entry = {}
+        for n in (17, 34):  # slice lengths: the second doubles T
+            docs = doc_ids(world, n)
+            g = torch.Generator().manual_seed(n)
+            ids = torch.randint(0, VOCAB, docs.shape, generator=g)
+            weights = torch.randn(*docs.shape, VOCAB, generator=g)
+            torch.manual_seed(0)
+            model = LM(model_config(spec))
+            cols = slice(rank * n, (rank + 1) * n)
+            context = BatchContext.for_slice(docs, cols.start, cols.stop)
+            context.sequence_parallel = sp
+            sp.take_bytes()
+            logits, grads = run(model, ids[:, cols], weights[:, cols], context)
+            sent = sp.take_bytes()
+            dist.all_reduce(grads, group=sp.group)
+            pieces = [torch.empty_like(logits) for _ in range(world)]
+            dist.all_gather(pieces, logits, group=sp.group)
+            if rank == 0:
+                full_logits, full_grads = run(model, ids, weights, BatchContext.from_doc_ids(docs))
+                names = [name for name, _ in model.named_parameters()]
+                sizes = [p.numel() for p in model.parameters()]
+                entry[f"T={world * n}"] = {
+                    "logits": rel_rmse(torch.cat(pieces, 1), full_logits),
+                    "grads": {
+                        name: rel_rmse(a, b)
+                        for name, a, b in zip(names, grads.split(sizes), full_grads.split(sizes))
+                    },
+                    "bytes_sent": {str(layer): b for layer, b in sorted(sent.items())},
+                }
+        report[spec] = entry
+    if rank == 0:
+        Path(out_path).write_text(json.dumps(report, indent=1))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
