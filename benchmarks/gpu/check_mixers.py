@@ -3,9 +3,11 @@
 - Cached decoding equals the full forward: prefill two thirds of a sequence with `use_cache=True`,
   then feed the rest one token at a time with the returned cache; the logits, concatenated, against
   one forward over the whole sequence (fp32 with TF32 matmuls off; bf16 weights, looser).
-- No host sync in a training step: forward and backward (bf16 autocast) under
+- No host sync in a training step: forward and backward (bf16 autocast) of packed documents (the
+  batch context is built on the host first, as the trainer does) under
   `torch.cuda.set_sync_debug_mode("error")`, after one warm-up step, so any per-layer `.item()`,
-  `.tolist()`, `nonzero` or host copy raises; the failing call's lmstack frame is recorded.
+  `.tolist()`, `nonzero` or host copy raises; the failing call's lmstack frame is recorded. Softmax
+  attention with packed documents takes its FlexAttention path there.
 A failing mixer is recorded in `failures` and the others still run. Dry run: CPU, a tiny model; the
 sync check cannot be made there (the mode exists only on CUDA) and is reported as skipped.
 """
@@ -21,7 +23,7 @@ import torch.nn.functional as F
 from common import REPO, Report, step_args
 from helpers import rel_rmse
 
-from lmstack.model import LM, ModelConfig
+from lmstack.model import LM, BatchContext, ModelConfig
 from lmstack.model.mixers import MIXERS
 
 # Logits' relative RMSE, cached decoding vs full forward. fp32: Triton dots run in tf32.
@@ -43,12 +45,12 @@ def build(name: str, size: dict, device: torch.device) -> LM:
 def decode_error(model: LM, ids: torch.Tensor) -> float:
     """Relative RMSE of the logits from prefill + one-token steps against one full forward."""
     with torch.no_grad():
-        full, _ = model(ids)
+        full = model(ids).logits
         prefill = ids.shape[1] * 2 // 3
-        logits, cache = model(ids[:, :prefill], use_cache=True)
+        logits, cache, _ = model(ids[:, :prefill], use_cache=True)
         pieces = [logits]
         for t in range(prefill, ids.shape[1]):
-            logits, cache = model(ids[:, t : t + 1], cache=cache, use_cache=True)
+            logits, cache, _ = model(ids[:, t : t + 1], cache=cache, use_cache=True)
             pieces.append(logits)
     return rel_rmse(torch.cat(pieces, 1), full)
 
@@ -62,9 +64,9 @@ def sync_site(err: BaseException) -> str:
     return f"{f.filename.removeprefix(str(REPO) + '/')}:{f.lineno} {f.line}"
 
 
-def training_step(model: LM, ids: torch.Tensor, cuda: bool) -> None:
+def training_step(model: LM, ids: torch.Tensor, context: BatchContext, cuda: bool) -> None:
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-        logits, _ = model(ids[:, :-1])
+        logits = model(ids[:, :-1], context).logits
     F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten()).backward()
 
 
@@ -81,9 +83,16 @@ def check_mixer(report: Report, name: str, size: dict, device: torch.device) -> 
             report.fail(f"{name}: cached decoding != full forward in {dtype_name}: rel RMSE {err:.2e}")
     model = model.float().train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda or None)
-    training_step(model, ids, cuda)  # warm-up: kernel compilation and first-call setup may sync
+    # Three documents per row, built on the host before the guard (the trainer does the same).
+    T = size["T"]
+    doc_ids = (torch.arange(T) >= T // 3).long() + (torch.arange(T) >= T // 2).long()
+    context = BatchContext.from_doc_ids(doc_ids.expand(size["B"], T), device)
+    training_step(model, ids, context, cuda)  # warm-up: kernel compilation and first-call setup may sync
     opt.step()
     opt.zero_grad(set_to_none=True)
+    # A fresh context, as for every trainer micro-batch: per-batch structures (attention's block mask)
+    # are built inside the guarded step.
+    context = BatchContext.from_doc_ids(doc_ids.expand(size["B"], T), device)
     guard = contextlib.nullcontext()
     if cuda:
         torch.cuda.synchronize()
@@ -92,7 +101,7 @@ def check_mixer(report: Report, name: str, size: dict, device: torch.device) -> 
         guard.callback(torch.cuda.set_sync_debug_mode, "default")
     try:
         with guard:
-            training_step(model, ids, cuda)
+            training_step(model, ids, context, cuda)
         row["host_sync_in_step"] = False if cuda else None
     except RuntimeError as err:
         row["host_sync_in_step"] = True
