@@ -203,5 +203,5 @@ def lightning_slice_state(
     weight = torch.exp(back[:, None] * g).expand(B, T, H)  # λ^{T-1-s}
     if lengths is not None:
         weight = weight * (back[None, :] < lengths.to(k.device)[:, None]).float()[..., None]
-    state = torch.einsum("bth,bthk,bthv->bhkv", weight, k.float(), v.float())
+    state = torch.einsum("bthk,bthv->bhkv", k.float() * weight[..., None], v.float())
     return torch.exp(g * T), state

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -425,10 +426,10 @@ class Trainer:
         it = iter(source)
         # eval_batches micro-batches in all, split over the ranks; null: the whole split once (the
         # validation reader gives every rank the same number of batches).
-        if n_batches is None and hasattr(source, "__len__"):
-            per_rank = len(source)
-        else:
-            per_rank = -(-(n_batches or 16) // self.layout.dp_size)
+        per_rank = -(-(n_batches or 16) // self.layout.dp_size)
+        if n_batches is None:
+            with contextlib.suppress(TypeError):  # a split without a length: the default count
+                per_rank = len(source)
         for _ in range(per_rank):
             try:
                 batch = next(it)

@@ -2,8 +2,7 @@
 and a hybrid, the gathered logits and every parameter gradient of the sliced forward/backward equal
 the single-process run on the whole rows, with documents crossing every slice boundary, one starting
 exactly on each and one spanning all slices (its state folds through the transitions of the middle
-ranks). Bytes: a linear mixer's per-layer communication does not
-change when T doubles (LASP-2: states, not tokens), attention's doubles (LASP-2H: keys and values).
+ranks). Bytes: a linear mixer's per-layer communication does not change when T doubles (LASP-2: states, not tokens), attention's doubles (LASP-2H: keys and values).
 One torchrun launch runs all cases (tests/parallel/lasp_worker.py)."""
 
 from __future__ import annotations
@@ -16,9 +15,13 @@ from pathlib import Path
 
 import pytest
 
+from lmstack.model import MIXERS
+
 HERE = Path(__file__).parent
 REPO = HERE.parent.parent
-SPECS = ["attention", "lightning", "shortconv", "shortconv+lightning+attention"]
+# Every mixer that declares sequence-parallel support (a new one is tested as soon as it does), and a hybrid.
+SUPPORTED = [name for name in sorted(MIXERS) if MIXERS[name].supports_sequence_parallel]
+SPECS = [*SUPPORTED, "shortconv+lightning+attention"]
 # Linear mixer: (W-1) x (transition [B, H] + state [B, H, K, V]) fp32, forward and backward.
 B, H, DH, W = 3, 4, 16, 4
 LIGHTNING_BYTES = 2 * (W - 1) * B * H * (1 + DH * DH) * 4
