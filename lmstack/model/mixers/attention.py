@@ -129,7 +129,7 @@ class Attention(TokenMixer):
         cos, sin = rotary_cos_sin(positions, self.head_dim, self.config.rope_theta, q.dtype)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if context.sequence_parallel is not None:  # LASP-2H: earlier slices' keys/values as a cache
-            kv = context.sequence_parallel.preceding(torch.cat([k, v], dim=-1))
+            kv = context.sequence_parallel.preceding(torch.cat([k, v], dim=-1), self._keys_before())
             state = KVState(*kv.split(self.head_dim, dim=-1))
             past = state.length
         if state is not None:
@@ -147,6 +147,11 @@ class Attention(TokenMixer):
                 q, k, v, attn_mask=attention_mask(context, past), enable_gqa=gqa
             )
         return MixerOutput(self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), new_state)
+
+    def _keys_before(self) -> int | None:
+        """How many keys before its slice a query may reach (None: all); a windowed variant needs
+        fewer, and a sequence-parallel rank then gathers only those."""
+        return None
 
     def flops_per_token(self, seq_len: int) -> float:
         D, Dh, H, Hkv = self.config.d_model, self.head_dim, self.n_heads, self.n_kv_heads
