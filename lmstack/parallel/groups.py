@@ -15,6 +15,7 @@ ranks, as DeepSpeed-Ulysses does with its sequence-data-parallel group), and the
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 
 from lmstack.parallel.sequence import SequenceParallel
 
@@ -37,8 +38,9 @@ class ParallelLayout:
         return self.sequence.rank if self.sequence is not None else 0
 
 
-def build_layout(rank: int, world: int, sp_size: int) -> ParallelLayout:
-    """Create the sequence-parallel groups (a collective: every rank calls it with the same sizes)."""
+def build_layout(rank: int, world: int, sp_size: int, timeout: timedelta | None = None) -> ParallelLayout:
+    """Create the sequence-parallel groups (a collective: every rank calls it with the same sizes).
+    `timeout` bounds their collectives like the world's (a dead rank fails the others)."""
     if world % sp_size:
         raise ValueError(f"sp_size: {sp_size} does not divide the world size {world}")
     if sp_size == 1:
@@ -48,7 +50,7 @@ def build_layout(rank: int, world: int, sp_size: int) -> ParallelLayout:
     own = None
     for d in range(world // sp_size):
         ranks = list(range(d * sp_size, (d + 1) * sp_size))
-        group = dist.new_group(ranks)  # every rank creates every group, in the same order
+        group = dist.new_group(ranks, timeout=timeout)  # every rank creates every group, in order
         if rank in ranks:
             own = group
     return ParallelLayout(rank // sp_size, world // sp_size, SequenceParallel(own, rank % sp_size, sp_size))

@@ -8,6 +8,7 @@ import math
 import os
 import random
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -188,7 +189,7 @@ class Trainer:
             raise LMStackError(f"WORLD_SIZE={world} but the process group has {self.dist.world_size} ranks")
         # Data-parallel replicas read different rows; the ranks of a sequence group the same rows,
         # each keeping its slice (lmstack.parallel).
-        self.layout = build_layout(self.dist.rank, world, sp_size)
+        self.layout = build_layout(self.dist.rank, world, sp_size, timedelta(seconds=t.dist_timeout_s))
         self.sp = self.layout.sequence
         self.data: DataSource = source_factory(
             config, self.layout.dp_rank, self.layout.dp_size, self.micro_batch
