@@ -188,6 +188,14 @@ def device_info() -> dict:
     }
 
 
+def write_report(out: str, benchmark: str, results: dict, **fields) -> None:
+    """Write a benchmark's JSON (name, device and versions, `fields`, results) and print its results."""
+    report = {"benchmark": benchmark, "device": device_info(), **fields, "results": results}
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(report, indent=1) + "\n")
+    print(json.dumps(results, indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--copies", type=int, default=2, help="repeat the embedded corpus this many times")

@@ -36,7 +36,12 @@ SIZES = {  # model and batch per mode
 
 def build(name: str, size: dict, device: torch.device) -> LM:
     keys = ("d_model", "n_layers", "n_heads", "vocab_size")
-    config = ModelConfig.from_dict({**{k: size[k] for k in keys}, "max_seq_len": size["T"], "mixer": name})
+    # swa: a window shorter than the sequence, so that the band (FlexAttention's block mask on CUDA,
+    # the rolling decoding state) is what gets checked.
+    options = {"swa": {"window": size["T"] // 3}} if name == "swa" else {}
+    config = ModelConfig.from_dict(
+        {**{k: size[k] for k in keys}, "max_seq_len": size["T"], "mixer": name, "mixer_options": options}
+    )
     config.validate("model.")
     torch.manual_seed(0)
     return LM(config).to(device)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from lmstack_kernels.common.compiler import disable_compile
 from lmstack_kernels.lightning.chunk import chunk_lightning_attn
 
 __all__ = ["lightning_attn", "lightning_slice_state"]
@@ -105,7 +106,7 @@ def _use_triton(q: torch.Tensor, backend: str) -> bool:
     return triton_kernels.HAS_TRITON and q.is_cuda and not interp
 
 
-@torch.compiler.disable
+@disable_compile  # the Triton launch graph-breaks under torch.compile
 def _triton_path(q, k, v, decay, scale, initial_state, output_final_state, cu_seqlens, chunk_size):
     from lmstack_kernels.lightning.triton_kernels import LightningAttnFunction
 

@@ -139,7 +139,7 @@ class TrainConfig:
     keep_last: int = 3
     tensorboard: bool = True
     progress_bar: bool = True
-    # Non-finite losses tolerated (each skips its step) before the run stops with an error.
+    # Steps with a non-finite gradient norm tolerated in a row (each is skipped) before the run stops.
     max_nan_skips: int = 10
     # Collective timeout: a dead rank makes the others fail after at most this long.
     dist_timeout_s: int = 600

@@ -3,7 +3,7 @@
 Public API (imported lazily, so that tokenizer worker processes stay light):
 
 - `prepare_data(cfg: DataConfig, *, progress=True, log=None) -> DataIndex` — `lmstack prepare-data`.
-- `TrainReader(data_dir, seq_len, batch_size, *, rank=0, world_size=1, seed=0, verify="size")` —
+- `TrainReader(data_dir, seq_len, batch_size, *, rank=0, world_size=1, seed=0, verify="first-use")` —
   infinite, shuffled, rank-sharded `Batch`es with `state_dict()` / `load_state_dict()`.
 - `ValReader(data_dir, seq_len, batch_size, *, rank=0, world_size=1)` — every validation token once.
 - `Batch(input_ids, labels, doc_ids, sample_ids)` — `[B, T]` int64 tensors (labels -100 = ignore).

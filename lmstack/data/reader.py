@@ -160,15 +160,19 @@ class Permutation:
 class TokenStream:
     """All shards of one split read as one token sequence (memory-mapped, opened lazily)."""
 
-    def __init__(self, index: DataIndex, split: str, verify: str = "size") -> None:
-        if verify not in ("none", "size", "full"):
-            raise ValueError("verify: expected 'none', 'size' or 'full'")
+    VERIFY = ("none", "size", "first-use", "full")
+
+    def __init__(self, index: DataIndex, split: str, verify: str = "first-use") -> None:
+        if verify not in self.VERIFY:
+            raise ValueError(f"verify: expected one of {', '.join(self.VERIFY)}")
         self.index, self.split = index, split
         self.shards = index.shards(split)
         self.dtype = np.dtype(index.dtype).newbyteorder("<")
         if verify != "none":
             for info in self.shards:
                 check_shard(index.path, info, self.dtype, full=verify == "full")
+        # Shards whose checksum is still to be checked, before their first read.
+        self._unverified = set(range(len(self.shards))) if verify == "first-use" else set()
         self.tok_starts = np.concatenate([[0], np.cumsum([s.num_tokens for s in self.shards])]).astype(
             np.int64
         )
@@ -188,6 +192,9 @@ class TokenStream:
             if len(self._open) >= self.MAX_OPEN:
                 self._open.popitem(last=False)
             info = self.shards[k]
+            if k in self._unverified:
+                check_shard(self.index.path, info, self.dtype, full=True)
+                self._unverified.discard(k)
             path, docs_path = self.index.path / info.bin_file, self.index.path / info.docs_file
             try:
                 tokens = np.memmap(path, dtype=self.dtype, mode="r", shape=(info.num_tokens,))
@@ -244,7 +251,8 @@ class TrainReader:
 
     data_dir: a prepared folder; seq_len: T; batch_size: rows per batch on this rank (B);
     rank, world_size: data-parallel rank and size; seed: the shuffle seed (DataConfig.seed);
-    verify: "size" (default: file sizes against the index), "full" (also checksums), "none".
+    verify: "first-use" (default: file sizes against the index now, each shard's sha256 before its
+    first read), "full" (every checksum now), "size" (sizes only), "none".
     """
 
     def __init__(
@@ -256,7 +264,7 @@ class TrainReader:
         rank: int = 0,
         world_size: int = 1,
         seed: int = 0,
-        verify: str = "size",
+        verify: str = "first-use",
         split: str = "train",
     ) -> None:
         _check_rank(rank, world_size, batch_size, seq_len)
@@ -399,7 +407,7 @@ class ValReader:
         rank: int = 0,
         world_size: int = 1,
         split: str = "val",
-        verify: str = "size",
+        verify: str = "first-use",
     ) -> None:
         _check_rank(rank, world_size, batch_size, seq_len)
         self.index = load_index(data_dir)

@@ -7,6 +7,9 @@ Accepted paths:
 - a tag directory (`mp_rank_00_model_states.pt` or `zero_pp_rank_*` files inside),
 - a plain model directory written by `save_model_dir` (`model.safetensors` + `config.yaml`).
 
+Loading is safe: every `.pt` file is first read with `torch.load(weights_only=True)` allowing only the
+types a DeepSpeed checkpoint holds, so a tampered pickle is refused before anything executes it.
+
 Weights: ZeRO 1-3 (and bf16 runs, whose fp32 master weights live in the optimizer shards) are
 consolidated to fp32 with DeepSpeed's `zero_to_fp32`; ZeRO 0 takes the `module` entry of
 `mp_rank_00_model_states.pt`.
@@ -56,6 +59,9 @@ def _load_run_config(tag_dir: Path):
 
 
 def _deepspeed_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
+    from lmstack.train.checkpoint import safe_torch_load, verify_pickles
+
+    verify_pickles(tag_dir)  # DeepSpeed's zero_to_fp32 below unpickles without restrictions
     zero_files = sorted(tag_dir.glob("*zero_pp_rank_*_optim_states.pt"))
     if zero_files:
         try:
@@ -69,10 +75,7 @@ def _deepspeed_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
     states = tag_dir / MODEL_STATES
     if not states.is_file():
         raise LMStackError(f"{tag_dir}: {MODEL_STATES} is missing")
-    try:
-        data = torch.load(states, map_location="cpu", weights_only=False)
-    except Exception as err:  # truncated / not a torch file
-        raise LMStackError(f"{states}: cannot read the model states (corrupt or truncated?): {err}") from None
+    data = safe_torch_load(states)
     module = data.get("module") if isinstance(data, dict) else None
     if not module:
         raise LMStackError(f"{states}: no 'module' weights inside (is this a DeepSpeed checkpoint?)")

@@ -6,10 +6,11 @@ data-parallel replica d. The ranks of one sequence group read the same rows and 
 contiguous slice of them; data-parallel replicas read different rows.
 
 Gradients: the ranks of a sequence group hold gradients of slices of one loss, to be summed; the
-replicas' gradients are to be averaged. Both are linear, so one all-reduce over the whole world does
-it, given that each rank's loss is multiplied by S: mean over D·S ranks of S·g = (1/D) Σ_d Σ_s g.
-DeepSpeed therefore runs over the whole world as its data-parallel group (ZeRO shards over all W
-ranks, as DeepSpeed-Ulysses does with its sequence-data-parallel group), and the trainer scales.
+replicas' gradients are to be averaged. The trainer's loss is the mean over the labelled tokens of
+the whole step on all W ranks (each rank's token sum scaled by grad_accum x W / global count), so
+DeepSpeed's mean over all W ranks already gives exactly that sum and average: one all-reduce, with
+DeepSpeed running over the whole world as its data-parallel group (ZeRO shards over all W ranks, as
+DeepSpeed-Ulysses does with its sequence-data-parallel group).
 """
 
 from __future__ import annotations

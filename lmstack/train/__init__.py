@@ -13,18 +13,23 @@ Run directory: config.yaml, metrics.jsonl (train/val records), tensorboard/, che
 checkpoint.py; atomic, last `keep_last` kept, client_state with step, tokens, every rank's reader
 position and RNG states), and the PNG curves of `lmstack plot RUN_DIR`.
 
-Non-finite losses: the step is discarded on every rank (no parameter or optimizer-state update) and
-counted; beyond `train.max_nan_skips` the run stops with an error and the last checkpoint untouched.
-(How: a micro-batch whose loss is not finite is back-propagated times NaN, so every gradient is
-NaN; DeepSpeed's ZeRO optimizers then skip the step on their overflow check, and without ZeRO the
-torch optimizer's step is suppressed for that one step. The LR schedule and the data move on.)
+Loss: the mean over the labelled tokens of the whole step (all micro-batches, all ranks): the token
+count of the step is all-reduced first and every micro-batch's loss sum scaled by it.
 
-Resume (`--resume auto`): weights, optimizer state, step, tokens, non-finite count, the reader's
-position and every rank's RNG states come back, so on CPU in fp32 the losses after a SIGKILL and
-resume equal the uninterrupted run's, step for step (tests/train/test_resume.py). With another
-number of ranks the reader re-splits the remaining samples exactly (lmstack.data); ZeRO 0 weights
-and optimizer load as they are, while ZeRO 1-3 optimizer shards need DeepSpeed's universal
-checkpoint conversion first; RNG streams are reseeded from (seed, step, rank).
+Non-finite gradients: a step whose global gradient norm is inf/NaN is skipped on every rank (no
+change to the fp32 master weights, optimizer moments and step counts, the step count or the LR
+schedule; the data move on) and logged as a `skip` record; more than `train.max_nan_skips` skips in a
+row stop the run with an error naming its last checkpoint. (DeepSpeed's ZeRO and bf16 optimizers skip
+on their own overflow check; without ZeRO the trainer checks the norm and suppresses the step.)
+
+Resume (`--resume auto|PATH`): weights, optimizer state, step, tokens, the reader's position and every
+rank's RNG states come back, so on CPU in fp32 the losses after a SIGKILL and resume equal the
+uninterrupted run's, step for step (tests/train/test_resume.py). On another number of ranks the
+reader re-splits the remaining samples exactly (lmstack.data), ZeRO 1-3 optimizer shards are
+converted to DeepSpeed's universal checkpoint and re-partitioned (checkpoint.py), ZeRO 0 loads as it
+is; RNG streams are reseeded from (seed, step, rank). A checkpoint whose model, ZeRO stage family or
+precision differs, an incomplete one, or one whose pickles hold anything but tensors and DeepSpeed's
+own types is refused with a one-line error before anything is loaded.
 
 Metrics (RUN_DIR/metrics.jsonl, every `log_every` steps): loss, lr, grad_norm (before clipping),
 tokens/s (all ranks), MFU (see metrics.py: each mixer's own FLOPs; peak FLOP/s by GPU model, none

@@ -121,7 +121,10 @@ def zero_stage_for(stage: int, bf16: bool) -> int:
     return max(stage, 1) if bf16 else stage
 
 
-def deepspeed_config(cfg: RunConfig, micro_batch: int, grad_accum: int, world: int, bf16: bool) -> dict:
+def deepspeed_config(
+    cfg: RunConfig, micro_batch: int, grad_accum: int, world: int, bf16: bool, load_universal: bool = False
+) -> dict:
+    """DeepSpeed's config; `load_universal`: the resume reads a universal checkpoint (another world size)."""
     t = cfg.train
     stage = zero_stage_for(t.zero_stage, bf16)
     zero: dict[str, Any] = {"stage": stage}
@@ -143,6 +146,8 @@ def deepspeed_config(cfg: RunConfig, micro_batch: int, grad_accum: int, world: i
         # bf16 weights/activations; fp32 master weights (optimizer) and fp32 gradient accumulation.
         ds["bf16"] = {"enabled": True, "check_grad_overflow": True}
         ds["data_types"] = {"grad_accum_dtype": "fp32"}
+    if load_universal:
+        ds["checkpoint"] = {"load_universal": True}
     return ds
 
 
@@ -227,15 +232,23 @@ class Trainer:
 
         import deepspeed
 
+        self.load_dir, self.universal = None, False
+        if self.resume_tag is not None:
+            self.load_dir, self.universal = self.checkpointer.prepare_resume(
+                self.resume_dir / self.resume_tag, config, world, self.zero_stage, self.bf16
+            )
         optimizer = build_optimizer(model, t)
-        ds_config = deepspeed_config(config, self.micro_batch, self.grad_accum, world, self.bf16)
+        ds_config = deepspeed_config(
+            config, self.micro_batch, self.grad_accum, world, self.bf16, self.universal
+        )
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=ds_config, dist_init_required=False
         )
         self.peak = peak_flops(self.device, self.bf16, t.peak_flops)
-        self.step = 0
+        self.step = 0  # optimizer updates applied (the LR schedule's clock)
+        self.iteration = 0  # steps tried, skipped ones included
         self.tokens = 0
-        self.nan_skips = 0
+        self.nan_skips = 0  # skipped steps in a row
         self.last_tag: str | None = None
 
     # -- checkpoints ------------------------------------------------------------------------------
@@ -267,6 +280,7 @@ class Trainer:
         return {
             "lmstack": {
                 "step": self.step,
+                "iteration": self.iteration,
                 "tokens": self.tokens,
                 "nan_skips": self.nan_skips,
                 "world_size": self.dist.world_size,
@@ -282,8 +296,9 @@ class Trainer:
         )
 
     def _load(self) -> None:
-        state = self.checkpointer.load(self.engine, self.resume_tag, self.resume_dir)
+        state = self.checkpointer.load(self.engine, self.load_dir, self.universal)
         self.step, self.tokens, self.nan_skips = state["step"], state["tokens"], state["nan_skips"]
+        self.iteration = state.get("iteration", self.step)
         rank, world = self.dist.rank, self.dist.world_size
         if state["world_size"] == world:
             self.data.train.load_state_dict(state["reader"][rank])
@@ -321,75 +336,87 @@ class Trainer:
             self.aux_sums[key] = self.aux_sums.get(key, 0.0) + value.detach().float()
         return loss_sum, (labels != IGNORE_INDEX).sum(), aux_loss
 
+    def _step_token_count(self, batches: list[Any]) -> torch.Tensor:
+        """Labelled tokens of the whole optimizer step: every micro-batch on every rank (float64)."""
+        import torch.distributed as dist
+
+        count = torch.stack([(b.labels != IGNORE_INDEX).sum() for b in batches]).sum().double()
+        count = count.to(self.device)
+        dist.all_reduce(count)
+        return count
+
+    def _own_grad_norm(self) -> float:
+        """Norm of the (all-reduced) gradients without ZeRO, where DeepSpeed reports none."""
+        norms = [
+            p.grad.detach().float().norm() for p in self.engine.module.parameters() if p.grad is not None
+        ]
+        return torch.stack(norms).norm().item() if norms else 0.0
+
     def train_step(self) -> dict[str, Any]:
-        """One optimizer step (grad_accum micro-batches). Returns its metrics."""
+        """One optimizer step over grad_accum micro-batches. Returns its metrics; `skipped`: the global
+        gradient norm was not finite, so nothing was updated (weights, optimizer moments and its step
+        count, `self.step` and with it the LR schedule), while the data moved on."""
         import torch.distributed as dist
 
         t0, c0 = time.perf_counter(), time.process_time()
+        self.iteration += 1
         lr = lr_at(self.step, self.config.train, self.total_steps)
         self._set_lr(lr)
-        acc_loss = torch.zeros((), device=self.device)
-        bad = torch.zeros((), device=self.device)
-        nan_here = _fault_steps("nan_at").__contains__(self.step + 1) and self.dist.is_main
+        batches = [next(self.data.train) for _ in range(self.grad_accum)]
+        # The LM loss is the mean over the labelled tokens of the whole step, however they fall on
+        # micro-batches and ranks. DeepSpeed divides each backward by grad_accum and averages gradients
+        # over ranks, so each micro-batch's loss sum is scaled by grad_accum x world / global count
+        # (auxiliary losses, already means, are averaged over micro-batches and ranks as they are).
+        n_tokens = self._step_token_count(batches)
+        scale = self.grad_accum * self.dist.world_size / n_tokens.clamp_min(1)
+        nan_here = self.iteration in _fault_steps("nan_at") and self.dist.is_main
+        noise = float(_fault_value("loss_noise") or 0.0)
+        loss_total = torch.zeros((), device=self.device, dtype=torch.float64)
         self.aux_sums = {}
         if self.sp is not None:
             self.sp.take_bytes()  # count this step's communication only
-        for micro in range(self.grad_accum):
-            loss_sum, n_tokens, aux_loss = self._forward_loss(next(self.data.train))
-            sp_size = 1
-            if self.sp is not None:
-                # Token-weighted over the whole sequence: this slice's share of the group's mean. The
-                # factor sp_size turns the engine's mean over all ranks into a sum over each
-                # sequence group (see lmstack.parallel.groups).
-                dist.all_reduce(n_tokens, group=self.sp.group)
-                sp_size = self.sp.size
-            lm_loss = loss_sum / n_tokens.clamp_min(1)
-            loss = sp_size * lm_loss + aux_loss
+        # With sequence parallelism each rank's batch is one slice of its group's rows: the global
+        # count above counts every token once, so the scale needs no sequence-parallel factor.
+        for micro, batch in enumerate(batches):
+            loss_sum, _, aux_loss = self._forward_loss(batch)
             if nan_here:
-                loss = loss * float("nan")
-            finite = torch.isfinite(loss.detach())
-            # A non-finite loss makes every gradient NaN on purpose: the step is then discarded
-            # consistently on all ranks (DeepSpeed's overflow check with ZeRO, below without).
-            nan = torch.full((), float("nan"), device=self.device)
-            self.engine.backward(loss * torch.where(finite, torch.ones_like(nan), nan))
-            acc_loss += torch.where(finite, lm_loss.detach(), torch.zeros_like(acc_loss))
-            bad += (~finite).float()
+                loss_sum = loss_sum * float("nan")
+            if noise:  # test hook: randomness drawn in the step (resume must restore the RNG)
+                loss_sum = loss_sum * (1.0 + noise * torch.rand(()).item())
+            self.engine.backward(loss_sum * scale.to(loss_sum.dtype) + aux_loss)
+            loss_total += loss_sum.detach().double()
             if micro < self.grad_accum - 1:
                 self.engine.step()  # DeepSpeed counts micro-steps; no update before the boundary
-        stats = torch.stack([acc_loss, bad])
-        dist.all_reduce(stats)
-        loss_total, n_bad = stats.tolist()
-        skipped = n_bad > 0
-        own_norm = None
-        if not skipped and self.zero_stage == 0:
-            # DeepSpeed does not report the norm without ZeRO/bf16; gradients are all-reduced by now.
-            norms = [
-                p.grad.detach().float().norm() for p in self.engine.module.parameters() if p.grad is not None
-            ]
-            own_norm = torch.stack(norms).norm().item() if norms else 0.0
-        if skipped and self.zero_stage == 0:
-            # Without ZeRO (fp32) DeepSpeed steps the torch optimizer as is: make that step a no-op
-            # for this once; DeepSpeed still clears the gradients and advances its counters.
+        dist.all_reduce(loss_total)
+        if self.zero_stage == 0:
+            # Without ZeRO, DeepSpeed steps the torch optimizer without looking at the gradients (all-
+            # reduced by now, equal on every rank): a non-finite norm suppresses that one step.
+            grad_norm = self._own_grad_norm()
+            skipped = not math.isfinite(grad_norm)
             optimizer = self.engine.optimizer
-            optimizer.step = lambda *args, **kwargs: None
+            if skipped:
+                optimizer.step = lambda *args, **kwargs: None
             try:
                 self.engine.step()
             finally:
-                del optimizer.step
+                if skipped:
+                    del optimizer.step
         else:
+            # DeepSpeed's ZeRO and bf16 optimizers skip a step whose gradients hold inf/NaN on any rank.
             self.engine.step()
-        grad_norm = None if skipped else self.engine.get_global_grad_norm()
-        if grad_norm is None:
-            grad_norm = own_norm
-        if isinstance(grad_norm, torch.Tensor):
-            grad_norm = grad_norm.item()
-        self.step += 1
+            skipped = not self.engine.was_step_applied()
+            grad_norm = self.engine.get_global_grad_norm()
+            if isinstance(grad_norm, torch.Tensor):
+                grad_norm = grad_norm.item()
+            if skipped and grad_norm is not None and math.isfinite(grad_norm):
+                grad_norm = float("nan")  # DeepSpeed reports the previous norm for a skipped step
+        if not skipped:
+            self.step += 1
         self.tokens += self.tokens_per_step
         comm = self.sp.take_bytes() if self.sp is not None else {}
         return {
             **self._aux_metrics(self.grad_accum * self.dist.world_size),
-            # every micro-batch's loss is the sum of its sequence group's slice shares
-            "loss": float("nan") if skipped else loss_total / (self.grad_accum * self.layout.dp_size),
+            "loss": (loss_total / n_tokens.clamp_min(1)).item(),
             **{f"comm/sp_bytes/layer{i}": b for i, b in sorted(comm.items())},
             "lr": lr,
             "grad_norm": grad_norm,
@@ -444,6 +471,29 @@ class Trainer:
         val_loss = (total[0] / total[1]).item()
         return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
 
+    def _on_skip(self, m: dict[str, Any], logger: RunLogger, bar: Any) -> None:
+        """Log a skipped step (a `skip` record keyed by iteration); too many in a row stop the run."""
+        t = self.config.train
+        logger.log(
+            "skip", self.iteration, {"step": self.step, "grad_norm": m["grad_norm"], "loss": m["loss"]}
+        )
+        if self.dist.is_main:
+            bar.write(
+                f"iteration {self.iteration} (step {self.step + 1}): gradient norm {m['grad_norm']}, step "
+                f"skipped ({self.nan_skips} in a row, train.max_nan_skips={t.max_nan_skips})"
+            )
+        if self.nan_skips > t.max_nan_skips:
+            where = (
+                f"last checkpoint: {self.run_dir / 'checkpoints' / self.last_tag}"
+                if self.last_tag
+                else "no checkpoint saved yet"
+            )
+            raise TrainingError(
+                f"the gradient norm was not finite at {self.nan_skips} steps in a row, more than "
+                f"train.max_nan_skips={t.max_nan_skips}; stopping at step {self.step} ({where}). Lower train.lr "
+                "or check the data"
+            )
+
     # -- the run ---------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         from tqdm.auto import tqdm
@@ -492,29 +542,17 @@ class Trainer:
                 window_steps += 1
                 if m["skipped"]:
                     self.nan_skips += 1
-                    msg = f"step {self.step}: non-finite loss, step skipped ({self.nan_skips}/{t.max_nan_skips})"
-                    if main:
-                        bar.write(msg)
-                    if self.nan_skips > t.max_nan_skips:
-                        where = (
-                            f"last checkpoint: {self.run_dir / 'checkpoints' / self.last_tag}"
-                            if self.last_tag
-                            else "no checkpoint saved yet"
-                        )
-                        raise TrainingError(
-                            f"the loss was not finite at {self.nan_skips} steps, more than train.max_nan_skips="
-                            f"{t.max_nan_skips}; stopping at step {self.step} ({where}). Lower train.lr or "
-                            f"check the data"
-                        )
+                    self._on_skip(m, logger, bar)
+                    continue
+                self.nan_skips = 0
                 bar.update(1)
                 final = self.step == self.total_steps
-                if self.step % t.log_every == 0 or final or m["skipped"]:
+                if self.step % t.log_every == 0 or final:
                     tok_s = window_tokens / max(window_time, 1e-9)
                     record = {
                         "loss": m["loss"],
                         "lr": m["lr"],
                         "grad_norm": m["grad_norm"],
-                        "skipped": m["skipped"],
                         "tokens": self.tokens,
                         "tokens_per_s": tok_s,
                         "step_time_s": window_time / max(window_steps, 1),
@@ -553,14 +591,18 @@ class Trainer:
         return summary
 
 
-def _fault_steps(name: str) -> set[int]:
-    """Test hook: `LMSTACK_FAULT=nan_at:3+4` -> {3, 4} (1-based optimizer steps)."""
-    out: set[int] = set()
+def _fault_value(name: str) -> str | None:
+    """Test hook: the value of `name` in `LMSTACK_FAULT=name:value,...` (None when absent)."""
     for item in os.environ.get("LMSTACK_FAULT", "").split(","):
         key, _, value = item.partition(":")
         if key == name and value:
-            out.update(int(v) for v in value.split("+"))
-    return out
+            return value
+    return None
+
+
+def _fault_steps(name: str) -> set[int]:
+    """Test hook: `LMSTACK_FAULT=nan_at:3+4` -> {3, 4} (1-based iterations, skipped ones included)."""
+    return {int(v) for v in (_fault_value(name) or "").split("+") if v}
 
 
 def train(config: RunConfig, resume: str | None = None, source_factory=prepared_source) -> dict[str, Any]:

@@ -200,9 +200,13 @@ def test_damaged_shards_are_refused(prepared, tmp_path):
     with open(flipped / info.bin_file, "r+b") as f:
         f.seek(4)
         f.write(b"\x13\x37")
-    TrainReader(flipped, T, 2)  # sizes are fine: only the full check reads the bytes
+    TrainReader(flipped, T, 2, verify="size")  # sizes are fine: only a checksum reads the bytes
     with pytest.raises(LMStackError, match=rf"{info.bin_file}: corrupted shard: sha256"):
         TrainReader(flipped, T, 2, verify="full")
+    reader = TrainReader(flipped, T, 2)  # the default checks each shard before its first read
+    with pytest.raises(LMStackError, match=rf"{info.bin_file}: corrupted shard: sha256"):
+        for _ in range(len(index.shards("train")) * 100):
+            next(reader)
 
     unprepared = fresh()
     (unprepared / "index.json").unlink()

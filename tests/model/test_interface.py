@@ -16,10 +16,15 @@ from lmstack.model.mixers.attention import Attention, AttentionOptions
 # second starts exactly at the cut, so row 1 does not continue).
 DOC_IDS = torch.tensor([[0] * 15 + [1] * 20 + [2] * 5, [0] * 24 + [1] * 16])
 CUT = 24
+# Options that make a mixer's own structure matter at this length (a window shorter than the slices).
+OPTIONS = {"swa": {"window": 7}}
 
 
 def _model(mixer: str) -> LM:
-    cfg = ModelConfig(vocab_size=61, d_model=64, n_layers=2, n_heads=2, mixer=mixer, max_seq_len=64)
+    options = {mixer: OPTIONS[mixer]} if mixer in OPTIONS else {}
+    cfg = ModelConfig(
+        vocab_size=61, d_model=64, n_layers=2, n_heads=2, mixer=mixer, max_seq_len=64, mixer_options=options
+    )
     cfg.validate()
     torch.manual_seed(0)
     return LM(cfg)

@@ -37,10 +37,15 @@ def doc_ids(world: int, n: int) -> torch.Tensor:
 
 
 def model_config(spec: str) -> ModelConfig:
-    layers = spec.split("+")
+    """ "a+b+c": one layer per name; "swa@5": swa with a window of 5 (default 24: over a slice of 17,
+    so that the window reaches two ranks back)."""
+    layers = [
+        {"mixer": "swa", "window": int(name.partition("@")[2])} if name.startswith("swa@") else name
+        for name in spec.split("+")
+    ]
     cfg = ModelConfig(
         vocab_size=VOCAB, d_model=64, n_layers=len(layers), n_heads=4, n_kv_heads=2, max_seq_len=256,
-        layer_mixers=layers,
+        layer_mixers=layers, mixer_options={"swa": {"window": 24}},
     )  # fmt: skip
     cfg.validate()
     return cfg

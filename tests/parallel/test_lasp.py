@@ -2,7 +2,9 @@
 and a hybrid, the gathered logits and every parameter gradient of the sliced forward/backward equal
 the single-process run on the whole rows, with documents crossing every slice boundary, one starting
 exactly on each and one spanning all slices (its state folds through the transitions of the middle
-ranks). Bytes: a linear mixer's per-layer communication does not change when T doubles (LASP-2: states, not tokens), attention's doubles (LASP-2H: keys and values).
+ranks). Bytes: a linear mixer's per-layer communication does not change when T doubles (LASP-2:
+states, not tokens); sliding-window attention sends at most the window's tail; full attention's
+doubles (LASP-2H: keys and values).
 One torchrun launch runs all cases (tests/parallel/lasp_worker.py)."""
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ HERE = Path(__file__).parent
 REPO = HERE.parent.parent
 # Every mixer that declares sequence-parallel support (a new one is tested as soon as it does), and a hybrid.
 SUPPORTED = [name for name in sorted(MIXERS) if MIXERS[name].supports_sequence_parallel]
-SPECS = [*SUPPORTED, "shortconv+lightning+attention"]
+SPECS = [*SUPPORTED, "shortconv+lightning+attention", "swa@5+lightning"]
 # Linear mixer: (W-1) x (transition [B, H] + state [B, H, K, V]) fp32, forward and backward.
 B, H, DH, W = 3, 4, 16, 4
 LIGHTNING_BYTES = 2 * (W - 1) * B * H * (1 + DH * DH) * 4
@@ -53,5 +55,8 @@ def test_linear_state_bytes_do_not_grow_with_T(report):
     assert short == long == {"0": LIGHTNING_BYTES}
     attn_short, attn_long = (report["attention"][f"T={W * n}"]["bytes_sent"]["0"] for n in (17, 34))
     assert attn_long == 2 * attn_short
+    swa_short, swa_long = (report["swa"][f"T={W * n}"]["bytes_sent"]["0"] for n in (17, 34))
+    # Each rank sends its last min(window - 1, T/W) keys/values: 17 of a 17-token slice, 23 of 34.
+    assert swa_short / 17 == swa_long / 23
     hybrid = report["shortconv+lightning+attention"][f"T={W * 17}"]["bytes_sent"]
     assert hybrid["1"] == LIGHTNING_BYTES and hybrid["2"] == attn_short

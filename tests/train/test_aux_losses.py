@@ -107,3 +107,25 @@ def test_unknown_aux_loss_weight_is_refused(probe, tiny_data, tmp_path):
     assert (
         "train.aux_loss_weights.balance: no mixer of this model emits that loss; emitted: none" in res.stderr
     )
+
+
+def test_moh_hybrid_trains_and_logs_its_balance_loss(tiny_data, tmp_path):
+    """A three-mixer hybrid (swa with a window shorter than the sequence, moh, lightning) trains; MoH's
+    balance loss and statistics reach metrics.jsonl for its layer."""
+    layers = [{"mixer": "swa", "window": 8}, "moh", "lightning"]
+    overrides = base_overrides(
+        tiny_data,
+        tmp_path / "run",
+        **{"model.layer_mixers": layers, "model.n_layers": 3, "model.d_model": 64, "model.n_heads": 4},
+        **{"train.max_steps": 4},
+    )
+    res = run_trainings([{"overrides": overrides}])
+    assert res.returncode == 0, res.stderr[-3000:]
+    records = read_metrics(tmp_path / "run")["train"]
+    assert len(records) == 4 and all(r["loss"] == r["loss"] for r in records)  # finite, not NaN
+    for record in records:
+        assert record["aux/moh_balance"] == record["aux/moh_balance/layer1"] > 0
+        # 2 shared + top-1 of 2 routed heads of 4; the busiest routed head's load is 1 .. 2 even shares.
+        assert record["aux/moh_active_heads/layer1"] == pytest.approx(0.75)
+        assert 1.0 <= record["aux/moh_max_load/layer1"] <= 2.0
+        assert not any(k.endswith(("layer0", "layer2")) for k in record if k.startswith("aux/"))

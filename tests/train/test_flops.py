@@ -33,8 +33,18 @@ HAND = {
     "lightning": 32768 + 8192 + 4096 + 4096,
     # depthwise kernel of 4 taps on 64 channels: 2*64*4 = 512.
     "shortconv": 512,
+    # attention's projections; window 4: tokens 0..3 see 1..4 keys, the other 12 see 4, so
+    # (1+2+3+4 + 12*4) / 16 = 3.625 keys on average: 2 * 2*16 * 4 heads * 3.625 = 928.
+    "swa": 24576 + 928,
+    # attention's count for all 4 heads (all are computed) + the router, 64 -> 2 shared + 2 routed + 2
+    # group logits: 2*64*6 = 768.
+    "moh": 24576 + 2176 + 768,
 }
-OPTIONS = {"attention": {"n_kv_heads": Hkv}}
+OPTIONS = {
+    "attention": {"n_kv_heads": Hkv},
+    "swa": {"n_kv_heads": Hkv, "mixer_options": {"swa": {"window": 4}}},
+    "moh": {"n_kv_heads": Hkv},
+}
 
 
 def test_every_registered_mixer_has_a_hand_count():

@@ -34,6 +34,8 @@ def get_mixer(name: str) -> type[TokenMixer]:
 # One line per mixer.
 from lmstack.model.mixers import attention
 from lmstack.model.mixers import lightning
+from lmstack.model.mixers import moh
 from lmstack.model.mixers import shortconv
+from lmstack.model.mixers import swa
 
 __all__ = ["MIXERS", "BatchContext", "MixerOutput", "NoOptions", "TokenMixer", "get_mixer", "register"]

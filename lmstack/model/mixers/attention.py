@@ -27,6 +27,7 @@ from lmstack.model.config import ModelConfig
 from lmstack.model.mixers import register
 from lmstack.model.mixers.base import BatchContext, MixerOutput, TokenMixer
 from lmstack.model.rotary import apply_rotary, rotary_cos_sin
+from lmstack_kernels.common.compiler import disable_compile
 
 
 @dataclass
@@ -58,8 +59,9 @@ def attention_mask(context: BatchContext, past: int) -> torch.Tensor:
     return mask[:, None]
 
 
-def document_block_mask(context: BatchContext):
-    """FlexAttention block mask of `attention_mask(context, 0)`, shared by all layers of the batch."""
+def document_block_mask(context: BatchContext, window: int | None = None):
+    """FlexAttention block mask of `attention_mask(context, 0)` (with `window`: also `t - s < window`),
+    built once per batch and window and shared by all layers."""
 
     def build():
         from torch.nn.attention.flex_attention import create_block_mask
@@ -69,18 +71,27 @@ def document_block_mask(context: BatchContext):
         def same_document(b, h, q, k):
             return (k <= q) & (q - k <= pos[b, q])
 
+        def in_window(b, h, q, k):
+            return same_document(b, h, q, k) & (q - k < window)
+
         T = context.seq_len
         return create_block_mask(
-            same_document, context.batch, None, T, T, device=pos.device, _compile=pos.is_cuda
+            same_document if window is None else in_window,
+            context.batch,
+            None,
+            T,
+            T,
+            device=pos.device,
+            _compile=pos.is_cuda,
         )
 
-    return context.memo("document_block_mask", build)
+    return context.memo(("document_block_mask", window), build)
 
 
 _compiled_flex = None
 
 
-@torch.compiler.disable
+@disable_compile
 def flex_attention(q, k, v, block_mask, enable_gqa: bool) -> torch.Tensor:
     """q: [B, H, T, Dh]; k, v: [B, H_kv, T, Dh]. Compiled once on CUDA (eager flex is a slow reference)."""
     global _compiled_flex
@@ -118,6 +129,21 @@ class Attention(TokenMixer):
         state: KVState | None = None,
         use_cache: bool = False,
     ) -> MixerOutput:
+        heads, new_state = self._heads(x, context, state, use_cache)
+        y, aux = self._combine_heads(heads, x)
+        return MixerOutput(y, new_state, aux)
+
+    def _combine_heads(
+        self, heads: torch.Tensor, x: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """heads: [B, T, H, Dh], x: [B, T, D] (the mixer's input) -> (y [B, T, D], aux): o_proj of the
+        concatenated heads, no aux."""
+        return self.o_proj(heads.flatten(2)), {}
+
+    def _heads(
+        self, x: torch.Tensor, context: BatchContext, state: KVState | None, use_cache: bool
+    ) -> tuple[torch.Tensor, KVState | None]:
+        """x: [B, T, D] -> (every head's output [B, T, H, Dh] before o_proj, the KV state after x)."""
         B, T, _ = x.shape
         past = state.length if state is not None else 0
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
@@ -135,18 +161,30 @@ class Attention(TokenMixer):
         if state is not None:
             k = torch.cat([state.k, k], dim=1)
             v = torch.cat([state.v, v], dim=1)
-        new_state = KVState(k, v) if use_cache else None
+        new_state = self._kept_state(k, v) if use_cache else None
+        return self._attend(q, k, v, context, past), new_state
+
+    def _kept_state(self, k: torch.Tensor, v: torch.Tensor) -> KVState:
+        """The KV state to keep after a forward, from all keys/values it saw: all of them."""
+        return KVState(k, v)
+
+    def _attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context: BatchContext, past: int
+    ) -> torch.Tensor:
+        """q: [B, T, H, Dh]; k, v: [B, past + T, H_kv, Dh] (the first `past` from the cache) ->
+        [B, T, H, Dh]."""
+        T = q.shape[1]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         gqa = self.n_kv_heads != self.n_heads
         if past == 0 and not context.packed:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
-        elif past == 0 and self._use_flex(x):
+        elif past == 0 and self._use_flex(q):
             y = flex_attention(q, k, v, document_block_mask(context), gqa)
         else:
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=attention_mask(context, past), enable_gqa=gqa
             )
-        return MixerOutput(self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), new_state)
+        return y.transpose(1, 2)
 
     def _keys_before(self) -> int | None:
         """How many keys before its slice a query may reach (None: all); a windowed variant needs
@@ -156,5 +194,9 @@ class Attention(TokenMixer):
     def flops_per_token(self, seq_len: int) -> float:
         D, Dh, H, Hkv = self.config.d_model, self.head_dim, self.n_heads, self.n_kv_heads
         projections = 2 * D * (H * Dh + 2 * Hkv * Dh) + 2 * H * Dh * D
-        # Causal: token t sees t+1 keys, (T+1)/2 on average; QK^T and PV are 2*Dh FLOPs per key each.
-        return projections + 2 * 2 * H * Dh * (seq_len + 1) / 2
+        # QK^T and PV are 2*Dh FLOPs per key and head each.
+        return projections + 2 * 2 * H * Dh * self._mean_keys(seq_len)
+
+    def _mean_keys(self, seq_len: int) -> float:
+        """Keys a token sees, averaged over a causal sequence: token t sees t+1, (T+1)/2 on average."""
+        return (seq_len + 1) / 2
