@@ -20,6 +20,9 @@ never computes a mixer's math.
   (a KV cache / convolution window) and the mixer masks by positions as for any cache. The autograd
   of the gather reduce-scatters the gradients back to their owners.
 
+- Token statistics (MoH's balance loss): `mean` all-reduces a slice's per-token means, so that every
+  rank computes the statistic of the whole rows.
+
 Every rank enters every collective in the same order: all ranks run the same layers, and each
 gathered tensor stays on the autograd graph (also where a rank uses none of it), so the backward
 collectives match too.
@@ -67,6 +70,20 @@ class _GatherSlices(torch.autograd.Function):
         return out, None
 
 
+class _GroupMean(torch.autograd.Function):
+    """x on every rank -> the mean over the group; backward: the mean of the gradients (every rank
+    holds the same statistic and back-propagates it, so each rank's share is 1/W of the sum)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, sp: SequenceParallel) -> torch.Tensor:
+        ctx.sp, ctx.layer = sp, sp.layer
+        return sp.all_reduce_mean(x, ctx.layer)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return ctx.sp.all_reduce_mean(grad, ctx.layer), None
+
+
 def apply_transition(transition: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
     """transition: [B, H] (a scalar per head), [B, H, K] (diagonal) or [B, H, K, K] (a matrix);
     state: [B, H, K, V] -> the transition applied to the state."""
@@ -87,8 +104,16 @@ class SequenceParallel:
         self.layer = 0
         self.bytes_sent: dict[int, int] = defaultdict(int)
 
-    def count(self, layer: int, piece: torch.Tensor) -> None:
-        self.bytes_sent[layer] += (self.size - 1) * piece.numel() * piece.element_size()
+    def count(self, layer: int, piece: torch.Tensor, factor: float = 1.0) -> None:
+        self.bytes_sent[layer] += round(factor * (self.size - 1) * piece.numel() * piece.element_size())
+
+    def all_reduce_mean(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        import torch.distributed as dist
+
+        out = x.detach().clone()
+        dist.all_reduce(out, group=self.group)
+        self.count(layer, out, 2 / self.size)  # ring all-reduce: 2 (W-1)/W of the tensor per rank
+        return out / self.size
 
     def take_bytes(self) -> dict[int, int]:
         """The bytes sent per layer since the last call (and reset)."""
@@ -99,6 +124,12 @@ class SequenceParallel:
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """x: [N, ...] -> [W, N, ...], every rank's x in rank order (differentiable)."""
         return _GatherSlices.apply(x, self)
+
+    @torch.compiler.disable
+    def mean(self, x: torch.Tensor) -> torch.Tensor:
+        """A statistic of this slice's tokens -> its mean over the group's slices (equal token counts:
+        the statistic of the whole rows), differentiable (e.g. MoH's head-load means)."""
+        return _GroupMean.apply(x, self)
 
     @torch.compiler.disable
     def initial_state(self, transition: torch.Tensor, final_state: torch.Tensor, context) -> torch.Tensor:

@@ -51,12 +51,17 @@ def model_config(spec: str) -> ModelConfig:
     return cfg
 
 
-def run(model: LM, ids, weights, context) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, all parameter gradients flattened) of loss = Σ logits · weights."""
+def run(model: LM, ids, weights, context, ranks: int = 1) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(logits, all parameter gradients flattened, aux losses) of loss = Σ logits · weights + the
+    auxiliary losses. Every rank holds the whole rows' aux losses (MoH's statistics are means over the
+    group), so each adds 1/ranks of them for the group's gradients to sum to one process's."""
     model.zero_grad()
-    logits = model(ids, context).logits
-    (logits * weights).sum().backward()
-    return logits.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])
+    out = model(ids, context)
+    losses = set().union(*(type(block.mixer).aux_losses for block in model.blocks))
+    aux = {k: v for k, v in out.aux.items() if k.split("/")[0] in losses}
+    ((out.logits * weights).sum() + sum(aux.values()) / ranks).backward()
+    grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+    return out.logits.detach(), grads, {k: v.item() for k, v in aux.items()}
 
 
 def main() -> None:
@@ -78,13 +83,13 @@ def main() -> None:
             context = BatchContext.for_slice(docs, cols.start, cols.stop)
             context.sequence_parallel = sp
             sp.take_bytes()
-            logits, grads = run(model, ids[:, cols], weights[:, cols], context)
+            logits, grads, aux = run(model, ids[:, cols], weights[:, cols], context, world)
             sent = sp.take_bytes()
             dist.all_reduce(grads, group=sp.group)
             pieces = [torch.empty_like(logits) for _ in range(world)]
             dist.all_gather(pieces, logits, group=sp.group)
             if rank == 0:
-                full_logits, full_grads = run(model, ids, weights, BatchContext.from_doc_ids(docs))
+                full_logits, full_grads, full_aux = run(model, ids, weights, BatchContext.from_doc_ids(docs))
                 names = [name for name, _ in model.named_parameters()]
                 sizes = [p.numel() for p in model.parameters()]
                 entry[f"T={world * n}"] = {
@@ -94,6 +99,7 @@ def main() -> None:
                         for name, a, b in zip(names, grads.split(sizes), full_grads.split(sizes))
                     },
                     "bytes_sent": {str(layer): b for layer, b in sorted(sent.items())},
+                    "aux": {k: abs(aux[k] - v) / abs(v) for k, v in full_aux.items()},
                 }
         report[spec] = entry
     if rank == 0:

@@ -48,6 +48,9 @@ def test_sequence_parallel_equals_one_pass(report, spec):
         assert result["logits"] < 1e-5, f"{spec} {length}: logits rel. RMSE {result['logits']:.2e}"
         for name, err in result["grads"].items():
             assert err < 1e-5, f"{spec} {length}: d{name} rel. RMSE {err:.2e}"
+        for name, err in result["aux"].items():  # MoH's balance loss over the whole rows
+            assert err < 1e-5, f"{spec} {length}: {name} rel. error {err:.2e}"
+    assert bool(report[spec][length]["aux"]) == (spec == "moh")
 
 
 def test_linear_state_bytes_do_not_grow_with_T(report):

@@ -1,7 +1,7 @@
 """Sequence-parallel training (2 ranks, one sequence group, torchrun + gloo) against one process on
-the same global batches: every step's loss within a relative 1e-5, for attention and sliding-window
-attention (LASP-2H), lightning (LASP-2, under ZeRO-2) and a hybrid with a short convolution. The per-layer bytes are
-logged. Plus the one-line config errors."""
+the same global batches: every step's loss within a relative 1e-5, for attention, sliding-window
+attention and MoH (LASP-2H), lightning (LASP-2, under ZeRO-2) and a hybrid with a short
+convolution. The per-layer bytes are logged. Plus the one-line config errors."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ CASES = {  # one process runs each case at ZeRO 0: the stage does not change the
     "lightning": {"model.mixer": "lightning", "train.zero_stage": 2},
     "hybrid": {"model.layer_mixers": ["shortconv", "lightning"]},
     "swa": {"model.mixer": "swa", "model.mixer_options": {"swa": {"window": 8}}},
+    "moh": {"model.mixer": "moh", "model.n_heads": 4},  # its balance loss over the whole rows
 }
 
 

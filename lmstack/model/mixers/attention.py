@@ -130,11 +130,11 @@ class Attention(TokenMixer):
         use_cache: bool = False,
     ) -> MixerOutput:
         heads, new_state = self._heads(x, context, state, use_cache)
-        y, aux = self._combine_heads(heads, x)
+        y, aux = self._combine_heads(heads, x, context)
         return MixerOutput(y, new_state, aux)
 
     def _combine_heads(
-        self, heads: torch.Tensor, x: torch.Tensor
+        self, heads: torch.Tensor, x: torch.Tensor, context: BatchContext
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """heads: [B, T, H, Dh], x: [B, T, D] (the mixer's input) -> (y [B, T, D], aux): o_proj of the
         concatenated heads, no aux."""
