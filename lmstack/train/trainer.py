@@ -474,9 +474,9 @@ class Trainer:
     def _on_skip(self, m: dict[str, Any], logger: RunLogger, bar: Any) -> None:
         """Log a skipped step (a `skip` record keyed by iteration); too many in a row stop the run."""
         t = self.config.train
-        logger.log(
-            "skip", self.iteration, {"step": self.step, "grad_norm": m["grad_norm"], "loss": m["loss"]}
-        )
+        # keyed by iteration; `last_step`: the optimizer steps applied so far
+        values = {"last_step": self.step, "grad_norm": m["grad_norm"], "loss": m["loss"]}
+        logger.log("skip", self.iteration, values)
         if self.dist.is_main:
             bar.write(
                 f"iteration {self.iteration} (step {self.step + 1}): gradient norm {m['grad_norm']}, step "

@@ -58,7 +58,7 @@ def test_skipped_steps_are_logged_and_training_goes_on(tiny_data, tmp_path):
     got = losses(run_dir)
     assert sorted(got) == [1, 2, 3, 4] and all(math.isfinite(v) for v in got.values())
     skips = read_metrics(run_dir)["skip"]
-    assert [(r["step"], r["kind"]) for r in skips] == [(3, "skip")]  # keyed by iteration
+    assert [(r["step"], r["last_step"]) for r in skips] == [(3, 2)]  # iteration 3, after 2 steps
     assert "gradient norm nan, step skipped (1 in a row" in res.stderr + res.stdout
 
 
