@@ -226,8 +226,9 @@ def _load_export(path: Path, dtype: str, device: str | None, source: str, notes:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import lmstack  # noqa: F401  (registers the lmstack classes with the Auto factories)
+    from lmstack.export.hf import register_auto_classes
 
+    register_auto_classes()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=parse_dtype(dtype, allow_auto=True))

@@ -31,8 +31,9 @@ def load_lm(model_path: str | Path):
     if is_export_dir(path):
         from transformers import AutoModelForCausalLM
 
-        import lmstack  # noqa: F401  (registers the Auto classes)
+        from lmstack.export.hf import register_auto_classes
 
+        register_auto_classes()
         hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
         lm = getattr(hf, "model", None)
         if lm is None or not hasattr(lm, "blocks"):

@@ -12,16 +12,13 @@ from lmstack.export.modeling_lmstack import LMStackCache, LMStackForCausalLM
 
 __all__ = ["LMStackCache", "LMStackConfig", "LMStackForCausalLM", "register_auto_classes"]
 
-_registered = False
-
 
 def register_auto_classes() -> None:
-    """Register `LMStackConfig` / `LMStackForCausalLM` with AutoConfig / AutoModelForCausalLM (idempotent)."""
-    global _registered
-    if _registered:
-        return
+    """Register `LMStackConfig` / `LMStackForCausalLM` with AutoConfig / AutoModelForCausalLM.
+
+    Idempotent and cheap, so loaders call it right before `from_pretrained` rather than trusting
+    that an earlier registration still holds in the transformers modules imported now."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     AutoConfig.register(LMStackConfig.model_type, LMStackConfig, exist_ok=True)
     AutoModelForCausalLM.register(LMStackConfig, LMStackForCausalLM, exist_ok=True)
-    _registered = True
