@@ -12,7 +12,8 @@ Inputs as the mixer makes them: q, k L2-normalised per head, β = sigmoid(N(0, 1
 `op_bench.py`.
 
 Examples:
-    python benchmarks/bench_deltanet.py --T 512 1024 2048 4096 --tokens-per-batch 8192 --stat min  # CPU
+    python benchmarks/bench_deltanet.py --T 512 1024 2048 4096 --tokens-per-batch 8192 --stat min \\
+        --threads 1                                                               # CPU, shared host: read the *_cpu_ms fields
     python benchmarks/bench_deltanet.py --T 1024 4096 16384 65536 --tokens-per-batch 65536 --H 16 --D 128
 """
 

@@ -1,4 +1,4 @@
-"""The one numerical tolerance helper of the test suite, and a check that a tiny LM learns."""
+"""The numerical tolerance helper of the test suite (relative RMSE), and a small-LM learning check."""
 
 import math
 
@@ -17,13 +17,16 @@ def assert_rel_rmse(actual: torch.Tensor, reference: torch.Tensor, tol: float, w
     assert err < tol, f"{what}: relative RMSE {err:.3e} >= {tol:.1e}"
 
 
-def assert_lm_learns(model: torch.nn.Module, ids: torch.Tensor, steps: int = 30, lr: float = 1e-2) -> None:
-    """AdamW on one fixed batch `ids` [B, T+1] (next-token loss): the loss must at least halve."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+def assert_lm_learns(model: torch.nn.Module, vocab_size: int) -> None:
+    """A small LM fits a repeated 12-token pattern on CPU: within 30 AdamW steps the loss falls below
+    half its start."""
+    seq = torch.tensor([3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8] * 6)
+    ids = seq[None].repeat(2, 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     losses = []
-    for _ in range(steps):
+    for _ in range(30):
         logits = model(ids[:, :-1]).logits
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab_size), ids[:, 1:].reshape(-1))
         opt.zero_grad()
         loss.backward()
         opt.step()

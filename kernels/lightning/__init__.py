@@ -1,6 +1,7 @@
 """`lightning_attn`: causal linear attention with a constant per-head decay (Lightning Attention-2).
 
-Public API: `lightning_attn` only. Files: `naive.py` (the ground-truth recurrence), `chunk.py`
+Public API: `lightning_attn`, and `lightning_slice_state` (a slice's final state from a zero start, for
+sequence parallelism). Files: `naive.py` (the ground-truth recurrence), `chunk.py`
 (chunked PyTorch path), `triton_kernels.py` (Triton forward/backward and their autograd Function),
 `MATH.md` (derivations), `compile_check.py` (compiles the kernels for a GPU target without a GPU).
 """
@@ -13,7 +14,7 @@ from lmstack_kernels.common.checks import check_qkv, check_sequences, use_triton
 from lmstack_kernels.common.compiler import disable_compile
 from lmstack_kernels.lightning.chunk import chunk_lightning_attn
 
-__all__ = ["lightning_attn"]
+__all__ = ["lightning_attn", "lightning_slice_state"]
 
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 
@@ -98,3 +99,35 @@ def lightning_attn(
             q, k, v, decay.detach(), scale, initial_state, cu_seqlens, chunk_size or 64
         )
     return o, (ht if output_final_state else None)
+
+
+def lightning_slice_state(
+    k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor, lengths: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a slice of T tokens does to the state (MATH.md, "Sequence slices"): S_out = λ^T S_in + E.
+
+    Args:
+        k: [B, T, H, K]; v: [B, T, H, V]; decay: [H] log λ_h (as in `lightning_attn`).
+        lengths: [B] integer, the number of trailing tokens of each row that belong to its last
+            document (default: all T); E covers only those.
+    Returns:
+        (transition λ^T [H] fp32, E = Σ_s λ^{T-1-s} k_s v_sᵀ over the trailing `lengths` tokens,
+        [B, H, K, V] fp32). Gradients flow to k and v. Cost: one pass of K×V outer products, no output.
+    """
+    if k.dim() != 4 or v.dim() != 4 or k.shape[:3] != v.shape[:3]:
+        raise ValueError(
+            f"lightning_slice_state: k, v must be [B, T, H, K] and [B, T, H, V], got "
+            f"{tuple(k.shape)} and {tuple(v.shape)}"
+        )
+    B, T, H, _ = k.shape
+    if decay.shape != (H,):
+        raise ValueError(
+            f"lightning_slice_state: decay must have shape [H] = [{H}], got {tuple(decay.shape)}"
+        )
+    g = decay.detach().float().to(k.device)
+    back = torch.arange(T - 1, -1, -1, device=k.device, dtype=torch.float32)  # T-1-s
+    weight = torch.exp(back[:, None] * g).expand(B, T, H)  # λ^{T-1-s}
+    if lengths is not None:
+        weight = weight * (back[None, :] < lengths.to(k.device)[:, None]).float()[..., None]
+    state = torch.einsum("bthk,bthv->bhkv", k.float() * weight[..., None], v.float())
+    return torch.exp(g * T), state

@@ -1,6 +1,7 @@
 """Run configuration: YAML files under configs/, command-line overrides, validation.
 
-A run config has one section per room: `model` (lmstack.model.ModelConfig), `data` and `train`.
+A run config has one section per room: `model` (lmstack.model.ModelConfig), `data`, `train` and
+`parallel`.
 Overrides are `section.field=value` with the value parsed as YAML (`model.n_layers=4`,
 `model.layer_mixers=[attention,lightning]`). Every error names the file and the field.
 """
@@ -13,12 +14,20 @@ from typing import Any
 
 import yaml
 
-from lmstack.config.schema import DataConfig, RunConfig, TrainConfig
+from lmstack.config.schema import DataConfig, ParallelConfig, RunConfig, TrainConfig
 from lmstack.errors import ConfigError
 from lmstack.model.config import ModelConfig
 from lmstack.model.schema import from_dict, unknown_key_message
 
-__all__ = ["DataConfig", "ModelConfig", "RunConfig", "TrainConfig", "apply_overrides", "load_config"]
+__all__ = [
+    "DataConfig",
+    "ModelConfig",
+    "ParallelConfig",
+    "RunConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "load_config",
+]
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -29,7 +38,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections (model, data, train) at the top level")
+        raise ConfigError(
+            f"{path}: expected a mapping of sections (model, data, train, parallel) at the top level"
+        )
     return data
 
 

@@ -198,7 +198,45 @@ class TrainConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """How the ranks share the work beyond data parallelism (see lmstack.parallel).
+
+    `sequence_parallel_size` S ranks share every sequence, each holding one contiguous slice of
+    data.seq_len / S tokens (LASP-2 for linear mixers, LASP-2H for attention); the world splits into
+    world / S data-parallel replicas, so the world size must be a multiple of S (checked at start).
+    """
+
+    sequence_parallel_size: int = 1
+
+    def validate(self, prefix: str = "") -> None:
+        if self.sequence_parallel_size < 1:
+            raise ConfigError(
+                f"{prefix}sequence_parallel_size: expected a positive integer, got {self.sequence_parallel_size}"
+            )
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def validate(self, prefix: str = "") -> None:
+        """Checks across sections (each section has validated its own fields)."""
+        from lmstack.model.mixers import get_mixer
+
+        sp = self.parallel.sequence_parallel_size
+        if sp == 1:
+            return
+        if self.data.seq_len % sp:
+            raise ConfigError(
+                f"{prefix}parallel.sequence_parallel_size: {sp} does not divide data.seq_len={self.data.seq_len}"
+            )
+        for i in range(self.model.n_layers):
+            name = self.model.mixer_for_layer(i)
+            if not get_mixer(name).supports_sequence_parallel:
+                raise ConfigError(
+                    f"{prefix}parallel.sequence_parallel_size: mixer '{name}' (layer {i}) does not support "
+                    f"sequence parallelism; use 1"
+                )

@@ -22,16 +22,17 @@ size) changes only how the following positions are grouped into batches; no samp
 skipped. Seed, seq_len or data that differ from the checkpoint are refused, since the positions would
 then name other samples.
 
-Sequence parallelism (later). Every rank of a sequence-parallel group must read the same batch: build
-the reader with the data-parallel rank and size (not the global ones) and cut each row with
-`Batch.seq_slice(sp_rank, sp_size)`.
+Sequence parallelism. Every rank of a sequence-parallel group reads the same batch: the reader is built
+with the data-parallel rank and size (not the global ones) and each row is cut with
+`Batch.seq_slice(sp_rank, sp_size)`, which also records where each slice's first document began
+(`doc_offsets`, for `BatchContext.from_doc_ids(..., offsets=)`).
 """
 
 from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +59,8 @@ class Batch:
                 sample, but the model does not see that context).
     sample_ids: [B] global sample numbers in the split (-1: a padding row of the validation reader).
     seq_offset: where along the full row this batch's columns start (non-zero after `seq_slice`).
+    doc_offsets: [B] after `seq_slice`: how many tokens of each row's first document lie before the
+                slice (its position offset; > 0: the row continues a document), else None.
     """
 
     input_ids: torch.Tensor
@@ -65,20 +68,17 @@ class Batch:
     doc_ids: torch.Tensor
     sample_ids: torch.Tensor
     seq_offset: int = 0
+    doc_offsets: torch.Tensor | None = None
+
+    def _map_tensors(self, fn) -> Batch:
+        tensors = (f.name for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor))
+        return replace(self, **{name: fn(getattr(self, name)) for name in tensors})
 
     def to(self, device, non_blocking: bool = False) -> Batch:
-        moved = {
-            f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
-            for f in fields(self)
-            if isinstance(getattr(self, f.name), torch.Tensor)
-        }
-        return Batch(**moved, seq_offset=self.seq_offset)
+        return self._map_tensors(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> Batch:
-        return Batch(
-            *(t.pin_memory() for t in (self.input_ids, self.labels, self.doc_ids, self.sample_ids)),
-            self.seq_offset,
-        )
+        return self._map_tensors(torch.Tensor.pin_memory)
 
     def seq_slice(self, rank: int, size: int) -> Batch:
         """The `rank`-th of `size` equal contiguous column slices (sequence parallelism)."""
@@ -86,13 +86,20 @@ class Batch:
         if T % size:
             raise ValueError(f"seq_slice: sequence length {T} is not divisible by {size} ranks")
         n = T // size
-        cut = slice(rank * n, (rank + 1) * n)
+        start = rank * n
+        cut = slice(start, start + n)
+        # doc_ids rise along a row: the first column of the document at `start` by binary search.
+        doc_start = torch.searchsorted(self.doc_ids.contiguous(), self.doc_ids[:, start : start + 1])[:, 0]
+        offsets = start - doc_start
+        if self.doc_offsets is not None:  # a slice of a slice: the row's first document goes further back
+            offsets = offsets + self.doc_offsets * (doc_start == 0)
         return Batch(
             self.input_ids[:, cut],
             self.labels[:, cut],
             self.doc_ids[:, cut],
             self.sample_ids,
-            self.seq_offset + rank * n,
+            self.seq_offset + start,
+            offsets,
         )
 
     @property

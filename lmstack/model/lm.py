@@ -60,6 +60,8 @@ class Block(nn.Module):
     def forward(
         self, x: torch.Tensor, context: BatchContext, state: Any, use_cache: bool
     ) -> tuple[torch.Tensor, Any, dict[str, torch.Tensor]]:
+        if context.sequence_parallel is not None:  # its byte counts go to this layer
+            context.sequence_parallel.layer = self.mixer.layer_idx
         mixed: MixerOutput = self.mixer(self.mixer_norm(x), context, state, use_cache)
         x = x + mixed.y
         return x + self.mlp(self.mlp_norm(x)), mixed.state, mixed.aux
@@ -134,6 +136,8 @@ class LM(nn.Module):
         """
         B, T = input_ids.shape
         seen = cache.seen_tokens if cache is not None else 0
+        if context is not None and context.sequence_parallel is not None and cache is not None:
+            raise ValueError("cache: a sequence-parallel slice takes its state from the group, not a cache")
         pads = cache.pads if cache is not None else None
         if context is None and pads is not None:
             zeros = torch.zeros(B, T, dtype=torch.long)

@@ -6,7 +6,8 @@ Each channel d mixes the current and the previous `k - 1` inputs of the same doc
 
 Used as a whole mixer (`shortconv`) and on q/k/v inside linear-attention mixers (GLA, DeltaNet).
 The state is the last `k - 1` inputs of each row's last document, `[B, k-1, D]` (zeros before its
-start); a row that continues a document takes its inputs from the incoming state.
+start); a row that continues a document takes its inputs from the incoming state (under sequence
+parallelism: the previous ranks' last `k - 1` inputs, gathered).
 """
 
 from __future__ import annotations
@@ -54,15 +55,24 @@ class ShortConvolution(nn.Module):
         """x: [B, T, D] -> (y [B, T, D], state after x or None)."""
         B, T, D = x.shape
         k = self.kernel_size
+        if context.sequence_parallel is not None:  # the previous ranks' last k - 1 inputs
+            state = ConvState(context.sequence_parallel.preceding(x, k - 1))
         if state is not None:
-            # Only continuing rows may look back into the previous slice.
-            prev = state.window.to(x.dtype) * context.continues[:, None, None].to(x.dtype)
+            # A row looks back only as far as its first document began: window slot i lies
+            # k - 1 - i tokens before the slice (see BatchContext: same document iff distance <= position).
+            back = torch.arange(k - 1, 0, -1, device=x.device)
+            inside = back[None, :] <= context.positions[:, :1]
+            prev = state.window.to(x.dtype) * inside[..., None].to(x.dtype)
         else:
             prev = x.new_zeros(B, k - 1, D)
         xp = torch.cat([prev, x], dim=1)  # [B, k-1+T, D]; xp[:, t + k-1] = x[:, t]
         weight = self.weight.to(x.dtype)
         if not context.packed:
-            y = F.conv1d(xp.transpose(1, 2), weight[:, None, :], groups=D).transpose(1, 2)
+            # On CPU, depthwise conv1d in bf16 takes seconds per call (5 s at B=16, T=256, D=384
+            # against 40 ms in fp32, torch 2.13): convolve in fp32 there.
+            dtype = x.dtype if x.is_cuda else torch.float32
+            y = F.conv1d(xp.transpose(1, 2).to(dtype), weight[:, None, :].to(dtype), groups=D)
+            y = y.transpose(1, 2).to(x.dtype)
         else:
             # x[t - j] is in t's document exactly when positions[t] >= j (see BatchContext).
             pos = context.positions[..., None]

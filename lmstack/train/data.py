@@ -11,7 +11,7 @@ A reader yields `lmstack.data.Batch`es (`input_ids`, `labels` (-100: ignore), `d
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -93,6 +93,41 @@ class SyntheticReader:
                 f"synthetic reader: cannot re-split {consumed} micro-batches over {self.world} ranks"
             )
         self.pos = consumed // self.world
+
+
+class SequenceSlices:
+    """Batches cut to one rank's slice of every row (sequence parallelism): the ranks of a sequence
+    group read the same rows (their reader is built for the data-parallel rank) and rank r of S keeps
+    columns [r·T/S, (r+1)·T/S) (`Batch.seq_slice`). Length and position (`state_dict`) are those of
+    the wrapped batches, so checkpoints are the same as without slicing."""
+
+    def __init__(self, batches: Any, rank: int, size: int) -> None:
+        self.batches, self.rank, self.size = batches, rank, size
+        self._it: Any = None
+
+    @classmethod
+    def of_source(cls, source: DataSource, rank: int, size: int) -> DataSource:
+        """The same source with its training reader and validation batches sliced."""
+        val = None if source.val is None else (lambda: cls(source.val(), rank, size))
+        return replace(source, train=cls(source.train, rank, size), val=val)
+
+    def __iter__(self) -> SequenceSlices:
+        self._it = iter(self.batches)
+        return self
+
+    def __next__(self) -> Batch:
+        if self._it is None:
+            self._it = iter(self.batches)
+        return next(self._it).seq_slice(self.rank, self.size)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.batches.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.batches.load_state_dict(state)
 
 
 def synthetic_source(config: RunConfig, rank: int, world: int, micro_batch: int) -> DataSource:

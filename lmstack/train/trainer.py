@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
 import random
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +21,10 @@ from lmstack.config.schema import RunConfig
 from lmstack.data.reader import IGNORE_INDEX
 from lmstack.errors import LMStackError
 from lmstack.model import LM, BatchContext
+from lmstack.parallel import build_layout
 from lmstack.train import distributed
 from lmstack.train.checkpoint import Checkpointer, complete_tags, fault, latest_tag
-from lmstack.train.data import DataSource, check_prepared, prepared_source
+from lmstack.train.data import DataSource, SequenceSlices, check_prepared, prepared_source
 from lmstack.train.metrics import RunLogger, memory_stats, peak_flops
 from lmstack.train.optim import build_optimizer, lr_at
 
@@ -159,8 +162,15 @@ class Trainer:
         t = config.train
         # Mistakes a user can make are reported before any process group or model is built.
         world = int(os.environ.get("WORLD_SIZE", "1"))
+        sp_size = config.parallel.sequence_parallel_size
+        if world % sp_size:
+            raise LMStackError(
+                f"parallel.sequence_parallel_size={sp_size} does not divide the {world} ranks (WORLD_SIZE)"
+            )
         self.micro_batch = t.micro_batch_size
-        self.grad_accum = batch_layout(t.global_batch_size, t.micro_batch_size, t.grad_accum, world)
+        self.grad_accum = batch_layout(
+            t.global_batch_size, t.micro_batch_size, t.grad_accum, world // sp_size
+        )
         self.seq_len = config.data.seq_len
         if self.seq_len > config.model.max_seq_len:
             raise LMStackError(
@@ -182,8 +192,15 @@ class Trainer:
         self.device = self.dist.device
         if self.dist.world_size != world:
             raise LMStackError(f"WORLD_SIZE={world} but the process group has {self.dist.world_size} ranks")
-
-        self.data: DataSource = source_factory(config, self.dist.rank, world, self.micro_batch)
+        # Data-parallel replicas read different rows; the ranks of a sequence group the same rows,
+        # each keeping its slice (lmstack.parallel).
+        self.layout = build_layout(self.dist.rank, world, sp_size, timedelta(seconds=t.dist_timeout_s))
+        self.sp = self.layout.sequence
+        self.data: DataSource = source_factory(
+            config, self.layout.dp_rank, self.layout.dp_size, self.micro_batch
+        )
+        if self.sp is not None:
+            self.data = SequenceSlices.of_source(self.data, self.sp.rank, self.sp.size)
         if self.data.vocab_size is not None and self.data.vocab_size > config.model.vocab_size:
             raise LMStackError(
                 f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's vocabulary "
@@ -305,7 +322,9 @@ class Trainer:
         accumulated (detached) into `self.aux_sums` for the step's metrics."""
         ids = batch.input_ids.to(self.device, non_blocking=True)
         labels = batch.labels.to(self.device, non_blocking=True)
-        out = self.engine(ids, BatchContext.from_doc_ids(batch.doc_ids, self.device))
+        context = BatchContext.from_doc_ids(batch.doc_ids, self.device, offsets=batch.doc_offsets)
+        context.sequence_parallel = self.sp
+        out = self.engine(ids, context)
         loss_sum = F.cross_entropy(
             out.logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
         )
@@ -354,6 +373,10 @@ class Trainer:
         noise = float(_fault_value("loss_noise") or 0.0)
         loss_total = torch.zeros((), device=self.device, dtype=torch.float64)
         self.aux_sums = {}
+        if self.sp is not None:
+            self.sp.take_bytes()  # count this step's communication only
+        # With sequence parallelism each rank's batch is one slice of its group's rows: the global
+        # count above counts every token once, so the scale needs no sequence-parallel factor.
         for micro, batch in enumerate(batches):
             loss_sum, _, aux_loss = self._forward_loss(batch)
             if nan_here:
@@ -390,9 +413,11 @@ class Trainer:
         if not skipped:
             self.step += 1
         self.tokens += self.tokens_per_step
+        comm = self.sp.take_bytes() if self.sp is not None else {}
         return {
             **self._aux_metrics(self.grad_accum * self.dist.world_size),
             "loss": (loss_total / n_tokens.clamp_min(1)).item(),
+            **{f"comm/sp_bytes/layer{i}": b for i, b in sorted(comm.items())},
             "lr": lr,
             "grad_norm": grad_norm,
             "skipped": skipped,
@@ -429,10 +454,10 @@ class Trainer:
         it = iter(source)
         # eval_batches micro-batches in all, split over the ranks; null: the whole split once (the
         # validation reader gives every rank the same number of batches).
-        if n_batches is None and hasattr(source, "__len__"):
-            per_rank = len(source)
-        else:
-            per_rank = -(-(n_batches or 16) // self.dist.world_size)
+        per_rank = -(-(n_batches or 16) // self.layout.dp_size)
+        if n_batches is None:
+            with contextlib.suppress(TypeError):  # a split without a length: the default count
+                per_rank = len(source)
         for _ in range(per_rank):
             try:
                 batch = next(it)
@@ -488,6 +513,7 @@ class Trainer:
                     "params": self.n_params,
                     "flops_per_token": self.flops_per_token,
                     "world_size": self.dist.world_size,
+                    "sequence_parallel_size": self.layout.sp_size,
                     "grad_accum": self.grad_accum,
                     "tokens_per_step": self.tokens_per_step,
                     "total_steps": self.total_steps,
@@ -536,7 +562,7 @@ class Trainer:
                         if self.peak
                         else None,
                         **memory_stats(self.device),
-                        **{k: v for k, v in m.items() if k.startswith("aux/")},
+                        **{k: v for k, v in m.items() if k.startswith(("aux/", "comm/"))},
                     }
                     logger.log("train", self.step, record)
                     last = record

@@ -263,3 +263,22 @@ def test_reader_refuses_too_short_data(prepared):
     cfg, index = prepared
     with pytest.raises(LMStackError, match="fewer than seq_len"):
         TrainReader(cfg.path, index.num_tokens("train"), 1)
+
+
+def test_seq_slice_doc_offsets_match_the_slice_context():
+    """Each slice records how far its first document reaches back (also for a slice of a slice): the
+    positions a batch context gets from the offsets equal those of the full rows."""
+    from lmstack.model import BatchContext
+
+    doc_ids = torch.tensor([[0] * 5 + [1] * 9 + [2] * 2, [0] * 8 + [1] * 8, [0] * 16])
+    full = Batch(doc_ids, doc_ids, doc_ids, torch.arange(3))
+    full_positions = BatchContext.from_doc_ids(doc_ids).positions
+    for size in (2, 4):
+        for r in range(size):
+            part = full.seq_slice(r, size)
+            ctx = BatchContext.from_doc_ids(part.doc_ids, offsets=part.doc_offsets)
+            assert torch.equal(
+                ctx.positions, full_positions[:, part.seq_offset : part.seq_offset + 16 // size]
+            )
+    quarter = full.seq_slice(1, 2).seq_slice(1, 2)  # columns 12..15
+    assert quarter.doc_offsets.tolist() == [7, 4, 12] and quarter.seq_offset == 12

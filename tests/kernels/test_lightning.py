@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers import assert_rel_rmse
 
-from lmstack_kernels.lightning import lightning_attn
+from lmstack_kernels.lightning import lightning_attn, lightning_slice_state
 from lmstack_kernels.lightning.naive import naive_lightning_attn
 
 TOL = 1e-5  # fp32 against an fp64 reference
@@ -192,3 +192,30 @@ def test_compiled_triton_on_gpu_matches_chunked_path(dtype: torch.dtype, dims: t
     got = _run(op, x, dtype=dtype, backend="triton")
     ref = _run(op, x, backend="torch")
     _check(got, ref, 2e-2 if dtype == torch.bfloat16 else 5e-3, f"gpu {dtype} {dims}")
+
+
+@pytest.mark.parametrize("T", [63, 100])
+def test_slice_state_is_the_affine_map_of_the_slice(T):
+    """(λ^T, E) from `lightning_slice_state` reproduce the naive final state from any initial state,
+    and E restricted to trailing tokens is the final state of that last document alone; gradients
+    of E match the naive recurrence's."""
+    x = _inputs(T)
+    decay_T, E = lightning_slice_state(x["k"], x["v"], DECAY)
+    _, naive_final = naive_lightning_attn(
+        x["q"], x["k"], x["v"], DECAY, initial_state=x["h0"], output_final_state=True, dtype=torch.float64
+    )
+    assert_rel_rmse(decay_T[None, :, None, None] * x["h0"] + E, naive_final, TOL, "λ^T S0 + E")
+    lengths = torch.tensor([T, 17])
+    k, v = (x[n].clone().requires_grad_() for n in ("k", "v"))
+    _, E = lightning_slice_state(k, v, DECAY, lengths)
+    (E * x["dht"]).sum().backward()
+    for b in range(2):
+        kb, vb = (x[n][b : b + 1, T - lengths[b] :].clone().requires_grad_() for n in ("k", "v"))
+        _, ref = naive_lightning_attn(
+            x["q"][b : b + 1, T - lengths[b] :], kb, vb, DECAY, output_final_state=True, dtype=torch.float64
+        )
+        (ref * x["dht"][b : b + 1]).sum().backward()
+        assert_rel_rmse(E[b : b + 1], ref, TOL, f"E row {b}")
+        assert_rel_rmse(k.grad[b : b + 1, T - lengths[b] :], kb.grad, TOL, f"dk row {b}")
+        assert_rel_rmse(v.grad[b : b + 1, T - lengths[b] :], vb.grad, TOL, f"dv row {b}")
+        assert not k.grad[b, : T - lengths[b]].any()  # tokens of earlier documents do not count

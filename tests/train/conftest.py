@@ -57,7 +57,9 @@ def base_overrides(data: Path, run_dir: Path, **extra) -> list[str]:
 
 
 def env(fault: str | None = None) -> dict[str, str]:
-    out = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    # The repository first; an existing PYTHONPATH after it (a worktree's lmstack_kernels link).
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    out = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
     out.pop("LMSTACK_FAULT", None)
     if fault:
         out["LMSTACK_FAULT"] = fault

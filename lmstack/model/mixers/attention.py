@@ -9,6 +9,9 @@ Which kernel runs:
 Masks come from positions alone: key s may be seen by query t (both counted in the row including
 cached tokens) iff `s <= t` and `t - s <= positions[t]`, i.e. s is in t's document. The KV cache of a
 row holds the keys of all its tokens; keys from an earlier document are masked the same way.
+
+Sequence parallelism (LASP-2H): the keys and values of the earlier ranks' slices, gathered once per
+layer, are this slice's incoming cache; the mask above then applies unchanged (explicit-mask path).
 """
 
 from __future__ import annotations
@@ -103,6 +106,7 @@ def flex_attention(q, k, v, block_mask, enable_gqa: bool) -> torch.Tensor:
 @register("attention")
 class Attention(TokenMixer):
     Options = AttentionOptions
+    supports_sequence_parallel = True
 
     def __init__(self, config: ModelConfig, layer_idx: int, options: AttentionOptions) -> None:
         super().__init__(config, layer_idx, options)
@@ -126,11 +130,11 @@ class Attention(TokenMixer):
         use_cache: bool = False,
     ) -> MixerOutput:
         heads, new_state = self._heads(x, context, state, use_cache)
-        y, aux = self._combine_heads(heads, x)
+        y, aux = self._combine_heads(heads, x, context)
         return MixerOutput(y, new_state, aux)
 
     def _combine_heads(
-        self, heads: torch.Tensor, x: torch.Tensor
+        self, heads: torch.Tensor, x: torch.Tensor, context: BatchContext
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """heads: [B, T, H, Dh], x: [B, T, D] (the mixer's input) -> (y [B, T, D], aux): o_proj of the
         concatenated heads, no aux."""
@@ -150,6 +154,10 @@ class Attention(TokenMixer):
         positions = context.positions[:1] if same_rows else context.positions
         cos, sin = rotary_cos_sin(positions, self.head_dim, self.config.rope_theta, q.dtype)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if context.sequence_parallel is not None:  # LASP-2H: earlier slices' keys/values as a cache
+            kv = context.sequence_parallel.preceding(torch.cat([k, v], dim=-1), self._keys_before())
+            state = KVState(*kv.split(self.head_dim, dim=-1))
+            past = state.length
         if state is not None:
             k = torch.cat([state.k, k], dim=1)
             v = torch.cat([state.v, v], dim=1)
@@ -177,6 +185,11 @@ class Attention(TokenMixer):
                 q, k, v, attn_mask=attention_mask(context, past), enable_gqa=gqa
             )
         return y.transpose(1, 2)
+
+    def _keys_before(self) -> int | None:
+        """How many keys before its slice a query may reach (None: all); a windowed variant needs
+        fewer, and a sequence-parallel rank then gathers only those."""
+        return None
 
     def flops_per_token(self, seq_len: int) -> float:
         D, Dh, H, Hkv = self.config.d_model, self.head_dim, self.n_heads, self.n_kv_heads

@@ -47,6 +47,9 @@ class BatchContext:
     continues:      [B] bool (device): the row's first piece continues a document from before the slice
                     (its incoming state applies); `continues_host` is the same as a tuple.
     first_piece, last_piece: [B] int64 (device): index in `cu_seqlens` of each row's first / last piece.
+    sequence_parallel: the rank's sequence-parallel group (`lmstack.parallel.SequenceParallel`) when
+                    the rows are one rank's slices of longer rows split over a group, else None. A
+                    mixer that supports it takes what it needs from the earlier slices through it.
     """
 
     batch: int
@@ -63,6 +66,7 @@ class BatchContext:
     # Per-batch structures derived from the fields above and shared by all layers (e.g. an attention
     # block mask): built on first use by `memo`, never by a mixer for itself.
     _memo: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
+    sequence_parallel: Any = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_doc_ids(
@@ -155,8 +159,10 @@ class BatchContext:
 
 def continued_state(state: torch.Tensor | None, context: BatchContext) -> torch.Tensor | None:
     """state: [B, ...] incoming state -> the same with rows that do not continue zeroed (None when
-    no row continues). Decided on the host: no device work when all rows continue or none does."""
-    if state is None or not any(context.continues_host):
+    no row continues). Decided on the host: no device work when all rows continue or none does.
+    Under sequence parallelism the state stays on the autograd graph even where no row continues:
+    its gradient is part of a collective every rank of the group enters."""
+    if state is None or (not any(context.continues_host) and context.sequence_parallel is None):
         return None
     if all(context.continues_host):
         return state
@@ -207,6 +213,9 @@ class TokenMixer(nn.Module):
     Options: ClassVar[type] = NoOptions
     # Auxiliary losses this mixer may emit: name -> default coefficient (train.aux_loss_weights overrides).
     aux_losses: ClassVar[dict[str, float]] = {}
+    # The mixer takes what its slice needs from earlier slices through `context.sequence_parallel`
+    # (lmstack.parallel); mixers that do not are refused for sequence-parallel runs.
+    supports_sequence_parallel: ClassVar[bool] = False
 
     @classmethod
     def validate_config(cls, config: ModelConfig, options: Any, prefix: str = "") -> None:

@@ -20,7 +20,8 @@ The op's scale (head_dim^-1/2) is immaterial after the norm (up to its eps).
 Packed documents restart the state at each document start (the op's `cu_seqlens`). Decoding keeps
 one fp32 matrix [B, H, K, V] per layer: O(1) memory in the sequence length; a chunk of T > 1
 tokens with a state uses it as the initial state, so prefill, single-step decoding and sequence
-parallelism share one path.
+parallelism share one path. Under sequence parallelism (LASP-2) the slice's summary (λ^T, E) goes
+to `context.sequence_parallel`, which returns the state after the earlier slices.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from lmstack.errors import ConfigError
 from lmstack.model.config import ModelConfig
 from lmstack.model.mixers import register
 from lmstack.model.mixers.base import BatchContext, MixerOutput, TokenMixer, continued_state, run_by_pieces
-from lmstack_kernels.lightning import MAX_HEAD_DIM, MIN_HEAD_DIM, lightning_attn
+from lmstack_kernels.lightning import MAX_HEAD_DIM, MIN_HEAD_DIM, lightning_attn, lightning_slice_state
 
 CHUNK = 64  # the op's block length (Triton BT and the chunked PyTorch path)
 
@@ -84,6 +85,7 @@ def decay_slopes(n_heads: int, layer_idx: int, n_layers: int, depth_scaling: boo
 @register("lightning")
 class LightningAttention(TokenMixer):
     Options = LightningOptions
+    supports_sequence_parallel = True
 
     @classmethod
     def validate_config(cls, config: ModelConfig, options: LightningOptions, prefix: str = "model.") -> None:
@@ -153,7 +155,12 @@ class LightningAttention(TokenMixer):
         q = self._act(self.q_proj(x)).view(B, T, H, Dh)
         k = self._act(self.k_proj(x)).view(B, T, H, Dh)
         v = self.v_proj(x).view(B, T, H, Dh)
-        h0 = continued_state(state.kv if state is not None else None, context)
+        h0 = state.kv if state is not None else None
+        if context.sequence_parallel is not None:
+            last_document = (context.positions[:, -1] + 1).clamp(max=T)  # trailing tokens of it
+            decay_T, own = lightning_slice_state(k, v, self.log_decay, last_document)
+            h0 = context.sequence_parallel.initial_state(decay_T.expand(B, H), own, context)
+        h0 = continued_state(h0, context)
         op = functools.partial(lightning_attn, decay=self.log_decay)
         o, ht = run_by_pieces(
             op, (q, k, v), h0, context, output_final_state=use_cache, backend=self.options.backend

@@ -17,7 +17,8 @@ T tokens of the micro-batch, for the routed heads only:
 
     L_b = Σ_i f_i · P_i,   f_i = (1/T) Σ_t 1[token t picked head i],   P_i = (1/T) Σ_t softmax(W_r x_t)_i
 
-(f is a count, without gradient; the gradient reaches the router through P.) Two statistics are
+(f is a count, without gradient; the gradient reaches the router through P. Under sequence
+parallelism f and P are averaged over the group's slices: the statistics of the whole rows.) Two statistics are
 logged per layer: `moh_active_heads`, the fraction of heads with a non-zero weight (averaged over
 tokens; (h_s + top_k) / n_heads by construction), and `moh_max_load`, the busiest routed head's f_i
 over the even share top_k / h_r (1: balanced; h_r / top_k: one head gets every token).
@@ -46,6 +47,7 @@ from lmstack.errors import ConfigError
 from lmstack.model.config import ModelConfig
 from lmstack.model.mixers import register
 from lmstack.model.mixers.attention import Attention, AttentionOptions
+from lmstack.model.mixers.base import BatchContext
 
 
 @dataclass
@@ -112,18 +114,21 @@ class MixtureOfHeadAttention(Attention):
         return HeadRouting(weights, probs, picked)
 
     def _combine_heads(
-        self, heads: torch.Tensor, x: torch.Tensor
+        self, heads: torch.Tensor, x: torch.Tensor, context: BatchContext
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Heads weighted by g, then o_proj; aux: the balance loss and the two statistics."""
         routing = self.route(x)
         y = self.o_proj((heads * routing.weights.to(heads.dtype)[..., None]).flatten(2))
         load = routing.picked.flatten(0, 1).float().mean(0)  # f_i
+        mean_probs = routing.probs.flatten(0, 1).mean(0)  # P_i
+        if context.sequence_parallel is not None:  # over the whole rows, not this rank's slice
+            load, mean_probs = context.sequence_parallel.mean(torch.stack([load, mean_probs])).unbind(0)
         with torch.no_grad():
             aux_stats = {
                 "moh_active_heads": (routing.weights > 0).float().sum(-1).mean() / self.n_heads,
                 "moh_max_load": load.max() * self.routed / self.top_k,
             }
-        balance = (load * routing.probs.flatten(0, 1).mean(0)).sum()
+        balance = (load * mean_probs).sum()
         return y, {"moh_balance": balance, **aux_stats}
 
     def flops_per_token(self, seq_len: int) -> float:

@@ -32,6 +32,7 @@ class ShortConvOptions:
 @register("shortconv")
 class ShortConv(TokenMixer):
     Options = ShortConvOptions
+    supports_sequence_parallel = True
 
     def __init__(self, config: ModelConfig, layer_idx: int, options: ShortConvOptions) -> None:
         super().__init__(config, layer_idx, options)

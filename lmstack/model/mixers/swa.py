@@ -101,6 +101,9 @@ class SlidingWindowAttention(Attention):
         # A copy, so that a long prefill's keys are not kept alive behind a view.
         return KVState(k[:, k.shape[1] - keep :].clone(), v[:, v.shape[1] - keep :].clone())
 
+    def _keys_before(self) -> int:
+        return self.options.window - 1
+
     def _attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context: BatchContext, past: int
     ) -> torch.Tensor:
