@@ -40,9 +40,8 @@ def _recurrent_step(q, k, v, g, scale, initial_state):
     B, _, H, K = q.shape
     V = v.shape[-1]
     S = q.new_zeros(B, H, K, V, dtype=torch.float32) if initial_state is None else initial_state.float()
-    S = g[:, 0].float().exp().unsqueeze(-1) * S + k[:, 0].float().unsqueeze(-1) * v[:, 0].float().unsqueeze(
-        -2
-    )
+    kv = k[:, 0].float().unsqueeze(-1) * v[:, 0].float().unsqueeze(-2)
+    S = g[:, 0].float().exp().unsqueeze(-1) * S + kv
     o = torch.einsum("bhk,bhkv->bhv", q[:, 0].float() * scale, S)
     return o.unsqueeze(1).to(q.dtype), S
 

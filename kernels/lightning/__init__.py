@@ -37,21 +37,17 @@ def _validate(q, k, v, decay, initial_state, cu_seqlens, backend, chunk_size) ->
 
 @disable_compile  # the Triton launch graph-breaks under torch.compile
 def _triton_path(q, k, v, decay, scale, initial_state, output_final_state, cu_seqlens, chunk_size):
+    from lmstack_kernels.common.triton_utils import flatten_varlen
     from lmstack_kernels.lightning.triton_kernels import LightningAttnFunction
 
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    if cu_seqlens is None:
-        cu = (torch.arange(B + 1, device=q.device) * T).to(torch.int32)
-    else:
-        cu = cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
-    flat = lambda x: x.reshape(1, B * T, H, x.shape[-1]).contiguous()
+    B, T, H, _ = q.shape
+    (q, k, v), cu = flatten_varlen((q, k, v), cu_seqlens)
     g = decay.detach().to(device=q.device, dtype=torch.float32).contiguous()
     h0 = None if initial_state is None else initial_state.float().contiguous()
     o, ht = LightningAttnFunction.apply(
-        flat(q), flat(k), flat(v), g, float(scale), h0, cu, output_final_state, chunk_size or 64
+        q, k, v, g, float(scale), h0, cu, output_final_state, chunk_size or 64
     )
-    return o.view(B, T, H, V), ht
+    return o.view(B, T, H, -1), ht
 
 
 def lightning_attn(
