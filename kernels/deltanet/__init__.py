@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from lmstack_kernels.common.checks import DTYPES, check_qkv, check_sequences, use_triton
+from lmstack_kernels.common.compiler import disable_compile
 from lmstack_kernels.deltanet.chunk import chunk_delta_rule, chunk_delta_rule_affine_map
 from lmstack_kernels.deltanet.recurrent import recurrent_delta_rule_step
 
@@ -41,7 +42,7 @@ def _check_chunk_size(op: str, chunk_size) -> None:
         raise ValueError(f"{op}: chunk_size must be a power of two in 16..128, got {chunk_size}")
 
 
-@torch.compiler.disable
+@disable_compile  # the Triton launch graph-breaks under torch.compile
 def _triton_path(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens, chunk_size):
     from lmstack_kernels.common.triton_utils import flatten_varlen
     from lmstack_kernels.deltanet.triton_kernels import DeltaRuleFunction

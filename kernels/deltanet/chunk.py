@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from lmstack_kernels.common.chunked import from_chunks, to_chunks
-from lmstack_kernels.common.triton_utils import pow2
+from lmstack_kernels.common.chunked import from_chunks, pow2, to_chunks
 
 
 def _unit_lower_inverse(lower: torch.Tensor) -> torch.Tensor:
