@@ -17,6 +17,11 @@ import torch
 import torch.nn.functional as F
 
 
+def pow2(n: int) -> int:
+    """The smallest power of two ≥ n (1 for n ≤ 1)."""
+    return 1 << max(0, n - 1).bit_length()
+
+
 def to_chunks(x: torch.Tensor, n_chunks: int, C: int) -> torch.Tensor:
     """[B, T, H, D] -> [B, H, n_chunks, C, D] in fp32, zero-padded at the end to n_chunks * C tokens."""
     B, T, H, D = x.shape

@@ -11,6 +11,8 @@ import os
 
 import torch
 
+from lmstack_kernels.common.chunked import pow2  # noqa: F401  (also imported from here by the kernels)
+
 try:
     import triton
     import triton.language as tl
@@ -60,11 +62,6 @@ if HAS_TRITON:
         if USE:
             b += tl.load(ptr + p, mask=m, other=0.0).to(tl.float32)
         return b
-
-
-def pow2(n: int) -> int:
-    """The smallest power of two ≥ n (1 for n ≤ 1)."""
-    return 1 << max(0, n - 1).bit_length()
 
 
 def state_tiles(full: int, other: int) -> tuple[int, int]:

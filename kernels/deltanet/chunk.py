@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from lmstack_kernels.common.chunked import from_chunks, to_chunks
+from lmstack_kernels.common.chunked import from_chunks, pow2, to_chunks
 
 
 def _unit_lower_inverse(lower: torch.Tensor) -> torch.Tensor:
@@ -74,7 +74,7 @@ def _chunk_documents(
     S = k.new_zeros(N, H, K, V, dtype=torch.float32) if initial_state is None else initial_state.float()
     if TT == 0:
         return (None if q is None else v.new_zeros(v.shape)), S
-    C = min(chunk_size, 1 << (max(lengths) - 1).bit_length())  # a power of two (the UT transform halves it)
+    C = min(chunk_size, pow2(max(lengths)))  # a power of two (the UT transform halves it)
     n_blocks = [-(-L // C) for L in lengths]
     first = [sum(n_blocks[:d]) for d in range(N)]
     n, steps = sum(n_blocks), max(n_blocks)
