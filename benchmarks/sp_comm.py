@@ -8,6 +8,9 @@ Conventions: activations and keys/values in bf16 (2 bytes), recurrent states and
 (4 bytes, as lmstack gathers them); one sequence (B = 1); d = H · Dh.
 
     LASP-2, lightning:  2 (W−1) H (1 + Dh²) · 4            gather of (λ^T, E), reduce-scatter of its gradient
+    LASP-2, GLA:        2 (W−1) H (K + K Dh) · 4           K = Dh / 2 (expand_k 0.5): exp Σg [K] and E [K, Dh]
+    LASP-2, DeltaNet:   2 (W−1) H (2 Dh²) · 4              P [Dh, Dh] and E [Dh, Dh]
+                        + 2 (W−1) 3 · 3d · 2               its short convolution's last 3 inputs of q, k, v
     LASP-1 ring:        2 H Dh² · 4 bytes, but W − 1 sequential hops per layer (forward and backward)
     Ulysses:            8 (W−1)/W (T/W) d · 2              all-to-all of q, k, v, o; the same backward;
                                                            needs H (and the KV heads) divisible by W
@@ -31,6 +34,8 @@ def per_layer_bytes(T: int, W: int, H: int, Dh: int, kv_heads: int) -> dict[str,
     d, d_kv, n = H * Dh, kv_heads * Dh, T // W
     return {
         "lasp2_lightning": 2 * (W - 1) * H * (1 + Dh * Dh) * 4,
+        "lasp2_gla": 2 * (W - 1) * H * (Dh // 2) * (1 + Dh) * 4,
+        "lasp2_deltanet": 2 * (W - 1) * (H * 2 * Dh * Dh * 4 + 3 * 3 * d * 2),
         "lasp1_ring_linear": 2 * H * Dh * Dh * 4,
         "ulysses": 8 * (W - 1) / W * n * d * 2 if H % W == 0 and kv_heads % W == 0 else None,
         "lasp2h_attention": 2 * (W - 1) * n * 2 * d_kv * 2,
@@ -57,10 +62,18 @@ def main() -> None:
     note = "computed from the formulas in benchmarks/sp_comm.py, not measured; bytes per rank per layer"
     out.write_text(json.dumps({"note": note, "model": shape, "rows": rows}, indent=1) + "\n")
     fmt = lambda v: "n/a (H % W != 0)" if v is None else f"{v / MB:,.1f}"
-    print("| T | W | T/W | LASP-2 lightning | LASP-1 ring (W−1 hops) | Ulysses | LASP-2H attention |")
-    print("|---|---|---|---|---|---|---|")
+    columns = {
+        "lasp2_lightning": "LASP-2 lightning",
+        "lasp2_gla": "LASP-2 GLA",
+        "lasp2_deltanet": "LASP-2 DeltaNet",
+        "lasp1_ring_linear": "LASP-1 ring (W−1 hops)",
+        "ulysses": "Ulysses",
+        "lasp2h_attention": "LASP-2H attention",
+    }
+    print("| T | W | T/W | " + " | ".join(columns.values()) + " |")
+    print("|---|---|---|" + "---|" * len(columns))
     for r in rows:
-        cells = [r[k] for k in ("lasp2_lightning", "lasp1_ring_linear", "ulysses", "lasp2h_attention")]
+        cells = [r[k] for k in columns]
         print(f"| {r['T']:,} | {r['W']} | {r['tokens_per_rank']:,} | " + " | ".join(map(fmt, cells)) + " |")
     print(
         f"\n(MB per rank per layer, forward + backward; x{args.layers} layers per sequence; written to {out})"

@@ -1,6 +1,6 @@
 """`gla_attn`: gated linear attention (GLA) with a data-dependent, per-key-channel forget gate.
 
-Public API: `gla_attn` only. Files: `naive.py` (the ground-truth recurrence), `chunk.py` (chunked
+Public API: `gla_attn` and `gla_slice_state` (a slice's affine map, for sequence parallelism). Files: `naive.py` (the ground-truth recurrence), `chunk.py` (chunked
 PyTorch path), `triton_kernels.py` (Triton forward/backward and their autograd Function), `MATH.md`
 (convention, the stable chunked form, the gradient of the gates), `compile_check.py` (compiles the
 kernels for a GPU target without a GPU).
@@ -14,7 +14,7 @@ from lmstack_kernels.common.checks import DTYPES, check_qkv, check_sequences, us
 from lmstack_kernels.common.compiler import disable_compile
 from lmstack_kernels.gla.chunk import chunk_gla
 
-__all__ = ["gla_attn"]
+__all__ = ["gla_attn", "gla_slice_state"]
 
 MIN_HEAD_DIM, MAX_HEAD_DIM = 1, 256
 
@@ -106,3 +106,35 @@ def gla_attn(
     else:
         o, ht = chunk_gla(q, k, v, g, scale, initial_state, cu_seqlens)
     return o, (ht if output_final_state else None)
+
+
+def gla_slice_state(
+    k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, lengths: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a slice of T tokens does to the state (MATH.md, "Sequence slices"):
+    S_out = diag(exp Σ_t g_t) S_in + E.
+
+    Args:
+        k, g: [B, T, H, K]; v: [B, T, H, V] (as in `gla_attn`).
+        lengths: [B] integer, the number of trailing tokens of each row that belong to its last
+            document (default: all T); E covers only those.
+    Returns:
+        (transition exp(Σ_t g_t) [B, H, K] fp32, over the whole slice: a row whose last document
+        starts inside it cuts the chain, which the caller applies; E = Σ_s exp(Σ_{r>s} g_r) ⊙ k_s v_sᵀ
+        over the trailing `lengths` tokens, [B, H, K, V] fp32). Gradients flow to k, v and g. Cost:
+        one pass of K×V outer products, no output.
+    """
+    check_qkv("gla_slice_state", k, k, v, MIN_HEAD_DIM, MAX_HEAD_DIM)
+    if not isinstance(g, torch.Tensor) or g.shape != k.shape:
+        raise ValueError(f"gla_slice_state: g must be [B, T, H, K] = {list(k.shape)}, got {tuple(g.shape)}")
+    T = k.shape[1]
+    # Suffix sums Σ_{r>s} g_r as sums (never differences of prefix sums: a small one next to a large
+    # prefix stays exact), each ≤ 0.
+    after = g.float().flip(1).cumsum(1).flip(1)  # Σ_{r≥s}
+    transition = after[:, 0].exp()
+    weight = torch.cat([after[:, 1:], after.new_zeros(after[:, :1].shape)], dim=1).exp()
+    if lengths is not None:
+        back = torch.arange(T - 1, -1, -1, device=k.device)  # T-1-s
+        weight = weight * (back[None, :] < lengths.to(k.device)[:, None])[..., None, None]
+    state = torch.einsum("bthk,bthv->bhkv", k.float() * weight, v.float())
+    return transition, state

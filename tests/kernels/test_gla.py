@@ -1,6 +1,7 @@
 """gla_attn: the Triton kernels (interpreter on CPU) and the chunked PyTorch path against the naive
 recurrence in fp64 (o, final state and the gradients of q, k, v, g and the initial state), strong
-gates, packed documents, split sequences, the decoding step, fla's reference, input validation."""
+gates, packed documents, split sequences, the decoding step, a slice's affine map (sequence
+parallelism), fla's reference, input validation."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 from helpers import assert_rel_rmse
 
-from lmstack_kernels.gla import gla_attn
+from lmstack_kernels.gla import gla_attn, gla_slice_state
 from lmstack_kernels.gla.naive import naive_gla
 
 TOL = 1e-5  # fp32 against an fp64 reference
@@ -179,6 +180,30 @@ def test_decode_steps_equal_chunk_path() -> None:
         return torch.cat(outs, 1), h
 
     _check(_run(decode, x), _run(_op, x, backend="torch"), TOL, "decode")
+
+
+@pytest.mark.parametrize("T", [63, 100])
+def test_slice_state_is_the_affine_map_of_the_slice(T: int) -> None:
+    """(exp Σg, E) from `gla_slice_state` reproduce the naive final state from any initial state
+    (strong gates included), and E restricted to trailing tokens is the final state of that last
+    document alone; gradients of k, v and g match the naive recurrence's."""
+    x = _inputs(T)
+    gates, E = gla_slice_state(x["k"], x["v"], x["g"])
+    _, naive_final = _naive(*(x[n] for n in INPUTS))
+    assert_rel_rmse(gates[..., None] * x["h0"] + E, naive_final, TOL, "exp(Σg) S0 + E")
+    lengths = torch.tensor([T, 17])
+    k, v, g = (x[n].clone().requires_grad_() for n in ("k", "v", "g"))
+    _, E = gla_slice_state(k, v, g, lengths)
+    (E * x["dht"]).sum().backward()
+    for b in range(2):
+        tail = slice(T - int(lengths[b]), T)
+        kb, vb, gb = (x[n][b : b + 1, tail].clone().requires_grad_() for n in ("k", "v", "g"))
+        _, ref = _naive(x["q"][b : b + 1, tail], kb, vb, gb, None)
+        (ref * x["dht"][b : b + 1]).sum().backward()
+        assert_rel_rmse(E[b : b + 1], ref, TOL, f"E row {b}")
+        for name, got, want in (("dk", k, kb), ("dv", v, vb), ("dg", g, gb)):
+            assert_rel_rmse(got.grad[b : b + 1, tail], want.grad, TOL, f"{name} row {b}")
+            assert not got.grad[b, : tail.start].any()  # tokens of earlier documents do not count
 
 
 def test_matches_fla_reference() -> None:

@@ -23,10 +23,14 @@ HERE = Path(__file__).parent
 REPO = HERE.parent.parent
 # Every mixer that declares sequence-parallel support (a new one is tested as soon as it does), and a hybrid.
 SUPPORTED = [name for name in sorted(MIXERS) if MIXERS[name].supports_sequence_parallel]
-SPECS = [*SUPPORTED, "shortconv+lightning+attention", "swa@5+lightning"]
-# Linear mixer: (W-1) x (transition [B, H] + state [B, H, K, V]) fp32, forward and backward.
+SPECS = [*SUPPORTED, "shortconv+lightning+attention", "swa@5+lightning", "deltanet+swa@5+gla+moh"]
 B, H, DH, W = 3, 4, 16, 4
-LIGHTNING_BYTES = 2 * (W - 1) * B * H * (1 + DH * DH) * 4
+# A linear mixer sends (W-1) x (transition + state [B, H, K, V]) fp32, forward and backward. Per head:
+# lightning λ^T (1) and 16 x 16; GLA exp Σg over its K = 8 keys (expand_k 0.5) and 8 x 16; DeltaNet
+# P (16 x 16) and 16 x 16, plus its short convolution's last 3 inputs of q, k, v (3 x 3·H·DH, any T).
+PER_HEAD = {"lightning": 1 + DH * DH, "gla": DH // 2 + DH // 2 * DH, "deltanet": 2 * DH * DH}
+LINEAR_BYTES = {name: 2 * (W - 1) * B * H * n * 4 for name, n in PER_HEAD.items()}
+LINEAR_BYTES["deltanet"] += 2 * (W - 1) * B * 3 * (3 * H * DH) * 4
 
 
 @pytest.fixture(scope="module")
@@ -50,16 +54,17 @@ def test_sequence_parallel_equals_one_pass(report, spec):
             assert err < 1e-5, f"{spec} {length}: d{name} rel. RMSE {err:.2e}"
         for name, err in result["aux"].items():  # MoH's balance loss over the whole rows
             assert err < 1e-5, f"{spec} {length}: {name} rel. error {err:.2e}"
-    assert bool(report[spec][length]["aux"]) == (spec == "moh")
+    assert bool(report[spec][length]["aux"]) == ("moh" in spec.split("+"))
 
 
 def test_linear_state_bytes_do_not_grow_with_T(report):
-    short, long = (report["lightning"][f"T={W * n}"]["bytes_sent"] for n in (17, 34))
-    assert short == long == {"0": LIGHTNING_BYTES}
+    for name, expected in LINEAR_BYTES.items():
+        short, long = (report[name][f"T={W * n}"]["bytes_sent"] for n in (17, 34))
+        assert short == long == {"0": expected}, name
     attn_short, attn_long = (report["attention"][f"T={W * n}"]["bytes_sent"]["0"] for n in (17, 34))
     assert attn_long == 2 * attn_short
     swa_short, swa_long = (report["swa"][f"T={W * n}"]["bytes_sent"]["0"] for n in (17, 34))
     # Each rank sends its last min(window - 1, T/W) keys/values: 17 of a 17-token slice, 23 of 34.
     assert swa_short / 17 == swa_long / 23
     hybrid = report["shortconv+lightning+attention"][f"T={W * 17}"]["bytes_sent"]
-    assert hybrid["1"] == LIGHTNING_BYTES and hybrid["2"] == attn_short
+    assert hybrid["1"] == LINEAR_BYTES["lightning"] and hybrid["2"] == attn_short

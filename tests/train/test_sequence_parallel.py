@@ -1,7 +1,7 @@
 """Sequence-parallel training (2 ranks, one sequence group, torchrun + gloo) against one process on
 the same global batches: every step's loss within a relative 1e-5, for attention, sliding-window
-attention and MoH (LASP-2H), lightning (LASP-2, under ZeRO-2) and a hybrid with a short
-convolution. The per-layer bytes are logged. Plus the one-line config errors."""
+attention and MoH (LASP-2H), lightning (LASP-2, under ZeRO-2), GLA with short convolutions (ZeRO-1),
+DeltaNet (ZeRO-3) and a hybrid with a short convolution. The per-layer bytes are logged. Plus the one-line config errors."""
 
 from __future__ import annotations
 
@@ -19,6 +19,12 @@ CASES = {  # one process runs each case at ZeRO 0: the stage does not change the
     "hybrid": {"model.layer_mixers": ["shortconv", "lightning"]},
     "swa": {"model.mixer": "swa", "model.mixer_options": {"swa": {"window": 8}}},
     "moh": {"model.mixer": "moh", "model.n_heads": 4},  # its balance loss over the whole rows
+    "gla": {
+        "model.mixer": "gla",
+        "model.mixer_options": {"gla": {"use_short_conv": True}},
+        "train.zero_stage": 1,
+    },
+    "deltanet": {"model.mixer": "deltanet", "train.zero_stage": 3},
 }
 
 
@@ -70,6 +76,31 @@ def test_two_replicas_of_two_slices_under_zero2_match_one_process(tiny_data, tmp
     assert sorted(got) == sorted(expected) == [1, 2, 3]
     for step, loss in expected.items():
         assert abs(got[step] - loss) / loss < REL_TOL, f"step {step}: {got[step]} vs one process {loss}"
+
+
+def test_resume_under_sequence_parallelism_continues_exactly(tiny_data, tmp_path):
+    """2 ranks as one sequence group (DeltaNet + lightning, ZeRO-1): a run resumed from the step-3
+    checkpoint of an uninterrupted one gives its losses at steps 4-6 (a resume that lost the Adam
+    moments differs by ~3e-4, see test_resume_world_size.py)."""
+    case = {
+        "model.layer_mixers": ["deltanet", "lightning"],
+        "parallel.sequence_parallel_size": 2,
+        "train.zero_stage": 1,
+        "train.max_steps": 6,
+        "train.save_every": 3,
+    }
+    step3 = str(tmp_path / "ref" / "checkpoints" / "step_00000003")
+    runs = [
+        {"overrides": base_overrides(tiny_data, tmp_path / "ref", **case)},
+        {"overrides": base_overrides(tiny_data, tmp_path / "resumed", **case), "resume": step3},
+    ]
+    res = run_trainings(runs, nproc=2, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    expected, got = losses(tmp_path / "ref"), losses(tmp_path / "resumed")
+    assert sorted(got) == [4, 5, 6], sorted(got)
+    for step in got:
+        rel = abs(got[step] - expected[step]) / expected[step]
+        assert rel < REL_TOL, f"step {step}: {got[step]} vs {expected[step]}"
 
 
 @pytest.mark.parametrize(

@@ -150,6 +150,11 @@ class BatchContext:
         """Every row one document, starting `offset` tokens into it (decoding after `offset` tokens)."""
         return cls.from_doc_ids(torch.zeros(batch, seq_len, dtype=torch.long), device, [offset] * batch)
 
+    def last_document_lengths(self) -> torch.Tensor:
+        """[B] int64 (device): how many trailing tokens of each row belong to its last document (what a
+        linear mixer's slice summary covers under sequence parallelism)."""
+        return (self.positions[:, -1] + 1).clamp(max=self.seq_len)
+
     def memo(self, key: Any, build: Callable[[], Any]) -> Any:
         """A structure derived from this batch's documents, built once and shared by all layers."""
         if key not in self._memo:

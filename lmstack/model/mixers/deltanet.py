@@ -16,6 +16,9 @@ Packed documents restart both the convolution and the recurrent state at each do
 Decoding keeps per layer the fp32 state [B, H, K, V] plus the convolution's last `conv_size − 1`
 inputs: O(1) memory in the sequence length. A chunk of T > 1 tokens with a state continues from it,
 so prefill, single-step decoding (the op's recurrent step) and sequence-parallel slices share one path.
+Under sequence parallelism (LASP-2) the slice's affine map (P [K, K], E [K, V] per head;
+`delta_rule_affine_map`) goes to `context.sequence_parallel`, which returns the state after the
+earlier slices.
 """
 
 from __future__ import annotations
@@ -33,7 +36,13 @@ from lmstack.model.config import ModelConfig
 from lmstack.model.mixers import register
 from lmstack.model.mixers.base import BatchContext, MixerOutput, TokenMixer, continued_state, run_by_pieces
 from lmstack.model.short_conv import ConvState, ShortConvolution
-from lmstack_kernels.deltanet import MAX_HEAD_DIM, MIN_HEAD_DIM, TRITON_CHUNK, delta_rule_attn
+from lmstack_kernels.deltanet import (
+    MAX_HEAD_DIM,
+    MIN_HEAD_DIM,
+    TRITON_CHUNK,
+    delta_rule_affine_map,
+    delta_rule_attn,
+)
 
 
 @dataclass
@@ -61,6 +70,7 @@ class DeltaNetState:
 @register("deltanet")
 class DeltaNet(TokenMixer):
     Options = DeltaNetOptions
+    supports_sequence_parallel = True
 
     @classmethod
     def validate_config(cls, config: ModelConfig, options: DeltaNetOptions, prefix: str = "model.") -> None:
@@ -106,7 +116,15 @@ class DeltaNet(TokenMixer):
         beta = torch.sigmoid(self.beta_proj(x))
         if self.options.allow_neg_eigval:
             beta = 2 * beta
-        h0 = continued_state(state.recurrent if state is not None else None, context)
+        h0 = state.recurrent if state is not None else None
+        if context.sequence_parallel is not None:
+            # The map of each row's last document: β = 0 makes a token the identity, so zeroing β
+            # before that document leaves exactly its map (one op call over dense rows).
+            back = torch.arange(T - 1, -1, -1, device=x.device)
+            in_last = back[None, :] < context.last_document_lengths()[:, None]  # [B, T]
+            transition, own = delta_rule_affine_map(k, v, beta * in_last[..., None])
+            h0 = context.sequence_parallel.initial_state(transition, own, context)
+        h0 = continued_state(h0, context)
         o, ht = run_by_pieces(
             delta_rule_attn,
             (q, k, v, beta),

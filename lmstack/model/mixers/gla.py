@@ -15,7 +15,8 @@ Packed documents restart the state at each document start (the op's `cu_seqlens`
 `run_by_pieces`). Decoding keeps one fp32 matrix [B, H, K, V] per layer (plus, with the short
 convolution, the last `conv_size − 1` inputs of q, k and v): O(1) in the sequence length; a chunk of
 T > 1 tokens with a state uses it as the initial state, so prefill, single steps and sequence
-slices share one path.
+slices share one path. Under sequence parallelism (LASP-2) the slice's summary (exp Σ g, E) goes to
+`context.sequence_parallel`, which returns the state after the earlier slices.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from lmstack.model.config import ModelConfig
 from lmstack.model.mixers import register
 from lmstack.model.mixers.base import BatchContext, MixerOutput, TokenMixer, continued_state, run_by_pieces
 from lmstack.model.short_conv import ConvState, ShortConvolution
-from lmstack_kernels.gla import MAX_HEAD_DIM, gla_attn
+from lmstack_kernels.gla import MAX_HEAD_DIM, gla_attn, gla_slice_state
 
 CHUNK = 16  # the Triton kernels' chunk length (the GPU training path, which MFU is about)
 
@@ -70,6 +71,7 @@ class GLAState:
 @register("gla")
 class GatedLinearAttention(TokenMixer):
     Options = GLAOptions
+    supports_sequence_parallel = True
 
     @classmethod
     def validate_config(cls, config: ModelConfig, options: GLAOptions, prefix: str = "model.") -> None:
@@ -131,15 +133,20 @@ class GatedLinearAttention(TokenMixer):
             outs = [conv(t, context, s, use_cache) for conv, t, s in zip(self.convs, (q, k, v), before)]
             (q, k, v), conv_state = zip(*outs)
         g = F.logsigmoid(self.gate_up(self.gate_down(x)).float()) / self.options.gate_logit_normalizer
-        heads = lambda t, d: t.reshape(B, T, H, d)
-        h0 = continued_state(state.kv if state is not None else None, context)
+        q, k, g = (t.reshape(B, T, H, K) for t in (q, k, g))
+        v = v.reshape(B, T, H, V)
+        h0 = state.kv if state is not None else None
+        if context.sequence_parallel is not None:
+            gates, own = gla_slice_state(k, v, g, context.last_document_lengths())
+            h0 = context.sequence_parallel.initial_state(gates, own, context)
+        h0 = continued_state(h0, context)
         o, ht = run_by_pieces(
-            gla_attn, (heads(q, K), heads(k, K), heads(v, V), heads(g, K)), h0, context,
+            gla_attn, (q, k, v, g), h0, context,
             output_final_state=use_cache, backend=self.options.backend,
         )  # fmt: skip
         of = o.float()
         o = (of * torch.rsqrt(of.pow(2).mean(-1, keepdim=True) + self.config.norm_eps)).to(x.dtype)
-        o = o * self.norm_weight * F.silu(heads(self.r_proj(x), V))
+        o = o * self.norm_weight * F.silu(self.r_proj(x).reshape(B, T, H, V))
         y = self.o_proj(o.reshape(B, T, H * V))
         return MixerOutput(y, GLAState(ht, conv_state) if use_cache else None)
 

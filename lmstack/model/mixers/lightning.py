@@ -157,8 +157,7 @@ class LightningAttention(TokenMixer):
         v = self.v_proj(x).view(B, T, H, Dh)
         h0 = state.kv if state is not None else None
         if context.sequence_parallel is not None:
-            last_document = (context.positions[:, -1] + 1).clamp(max=T)  # trailing tokens of it
-            decay_T, own = lightning_slice_state(k, v, self.log_decay, last_document)
+            decay_T, own = lightning_slice_state(k, v, self.log_decay, context.last_document_lengths())
             h0 = context.sequence_parallel.initial_state(decay_T.expand(B, H), own, context)
         h0 = continued_state(h0, context)
         op = functools.partial(lightning_attn, decay=self.log_decay)
