@@ -36,13 +36,21 @@ def doc_ids(world: int, n: int) -> torch.Tensor:
     return torch.stack([crossing, on_cut, torch.zeros(T, dtype=torch.long)])
 
 
+def layer_spec(name: str) -> str | dict:
+    """ "swa@5": swa with a window of 5; a ":flex" suffix takes attention's / swa's FlexAttention path
+    (eager on CPU) instead of the explicit mask / banded one."""
+    name, flex = name.removesuffix(":flex"), name.endswith(":flex")
+    mixer, _, window = name.partition("@")
+    spec = {"mixer": mixer, **({"window": int(window)} if window else {})}
+    if flex:
+        spec["path" if mixer == "swa" else "packed_path"] = "flex"
+    return spec if len(spec) > 1 else mixer
+
+
 def model_config(spec: str) -> ModelConfig:
-    """ "a+b+c": one layer per name; "swa@5": swa with a window of 5 (default 24: over a slice of 17,
-    so that the window reaches two ranks back)."""
-    layers = [
-        {"mixer": "swa", "window": int(name.partition("@")[2])} if name.startswith("swa@") else name
-        for name in spec.split("+")
-    ]
+    """ "a+b+c": one layer per name (see `layer_spec`); swa's default window is 24: over a slice of 17,
+    so that the window reaches two ranks back."""
+    layers = [layer_spec(name) for name in spec.split("+")]
     cfg = ModelConfig(
         vocab_size=VOCAB, d_model=64, n_layers=len(layers), n_heads=4, n_kv_heads=2, max_seq_len=256,
         layer_mixers=layers, mixer_options={"swa": {"window": 24}},
@@ -51,11 +59,18 @@ def model_config(spec: str) -> ModelConfig:
     return cfg
 
 
-def run(model: LM, ids, weights, context, ranks: int = 1) -> tuple[torch.Tensor, torch.Tensor, dict]:
+def run(
+    model: LM, ids, weights, context, ranks: int = 1, backward: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """(logits, all parameter gradients flattened, aux losses) of loss = Σ logits · weights + the
     auxiliary losses. Every rank holds the whole rows' aux losses (MoH's statistics are means over the
-    group), so each adds 1/ranks of them for the group's gradients to sum to one process's."""
+    group), so each adds 1/ranks of them for the group's gradients to sum to one process's. Without
+    `backward` (FlexAttention has no CPU backward) the gradients are empty."""
     model.zero_grad()
+    if not backward:
+        with torch.no_grad():
+            out = model(ids, context)
+        return out.logits, torch.zeros(0), {}
     out = model(ids, context)
     losses = set().union(*(type(block.mixer).aux_losses for block in model.blocks))
     aux = {k: v for k, v in out.aux.items() if k.split("/")[0] in losses}
@@ -83,13 +98,15 @@ def main() -> None:
             context = BatchContext.for_slice(docs, cols.start, cols.stop)
             context.sequence_parallel = sp
             sp.take_bytes()
-            logits, grads, aux = run(model, ids[:, cols], weights[:, cols], context, world)
+            backward = ":flex" not in spec
+            logits, grads, aux = run(model, ids[:, cols], weights[:, cols], context, world, backward)
             sent = sp.take_bytes()
             dist.all_reduce(grads, group=sp.group)
             pieces = [torch.empty_like(logits) for _ in range(world)]
             dist.all_gather(pieces, logits, group=sp.group)
             if rank == 0:
-                full_logits, full_grads, full_aux = run(model, ids, weights, BatchContext.from_doc_ids(docs))
+                full = BatchContext.from_doc_ids(docs)
+                full_logits, full_grads, full_aux = run(model, ids, weights, full, backward=backward)
                 names = [name for name, _ in model.named_parameters()]
                 sizes = [p.numel() for p in model.parameters()]
                 entry[f"T={world * n}"] = {
@@ -97,7 +114,9 @@ def main() -> None:
                     "grads": {
                         name: rel_rmse(a, b)
                         for name, a, b in zip(names, grads.split(sizes), full_grads.split(sizes))
-                    },
+                    }
+                    if backward
+                    else {},
                     "bytes_sent": {str(layer): b for layer, b in sorted(sent.items())},
                     "aux": {k: abs(aux[k] - v) / abs(v) for k, v in full_aux.items()},
                 }

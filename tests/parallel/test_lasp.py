@@ -23,7 +23,14 @@ HERE = Path(__file__).parent
 REPO = HERE.parent.parent
 # Every mixer that declares sequence-parallel support (a new one is tested as soon as it does), and a hybrid.
 SUPPORTED = [name for name in sorted(MIXERS) if MIXERS[name].supports_sequence_parallel]
-SPECS = [*SUPPORTED, "shortconv+lightning+attention", "swa@5+lightning", "deltanet+swa@5+gla+moh"]
+SPECS = [
+    *SUPPORTED,
+    "shortconv+lightning+attention",
+    "swa@5+lightning",
+    "deltanet+swa@5+gla+moh",
+    # The GPU path's block masks with a key offset, forward only (eager FlexAttention has no CPU backward).
+    "attention:flex+swa:flex",
+]
 B, H, DH, W = 3, 4, 16, 4
 # A linear mixer sends (W-1) x (transition + state [B, H, K, V]) fp32, forward and backward. Per head:
 # lightning λ^T (1) and 16 x 16; GLA exp Σg over its K = 8 keys (expand_k 0.5) and 8 x 16; DeltaNet

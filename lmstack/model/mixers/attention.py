@@ -3,7 +3,8 @@
 Which kernel runs:
 - one document per row and no cache: SDPA's `is_causal` path (flash attention on a GPU);
 - packed documents on CUDA: FlexAttention with a document block mask (built once per batch and
-  shared by all layers), so fully masked blocks are skipped (`packed_path: flex`);
+  shared by all layers), so fully masked blocks are skipped (`packed_path: flex`); also a
+  sequence-parallel slice after the earlier slices' keys;
 - otherwise (CPU, a KV cache, `packed_path: mask`): SDPA with an explicit boolean mask.
 
 Masks come from positions alone: key s may be seen by query t (both counted in the row including
@@ -11,7 +12,8 @@ cached tokens) iff `s <= t` and `t - s <= positions[t]`, i.e. s is in t's docume
 row holds the keys of all its tokens; keys from an earlier document are masked the same way.
 
 Sequence parallelism (LASP-2H): the keys and values of the earlier ranks' slices, gathered once per
-layer, are this slice's incoming cache; the mask above then applies unchanged (explicit-mask path).
+layer, are this slice's incoming cache; the mask above then applies unchanged (FlexAttention on
+CUDA, the explicit mask on CPU).
 """
 
 from __future__ import annotations
@@ -59,9 +61,10 @@ def attention_mask(context: BatchContext, past: int) -> torch.Tensor:
     return mask[:, None]
 
 
-def document_block_mask(context: BatchContext, window: int | None = None):
-    """FlexAttention block mask of `attention_mask(context, 0)` (with `window`: also `t - s < window`),
-    built once per batch and window and shared by all layers."""
+def document_block_mask(context: BatchContext, window: int | None = None, past: int = 0):
+    """FlexAttention block mask of `attention_mask(context, past)` (with `window`: also `t - s <
+    window`): T queries against `past + T` keys, built once per batch, window and past and shared by
+    all layers."""
 
     def build():
         from torch.nn.attention.flex_attention import create_block_mask
@@ -69,10 +72,10 @@ def document_block_mask(context: BatchContext, window: int | None = None):
         pos = context.positions
 
         def same_document(b, h, q, k):
-            return (k <= q) & (q - k <= pos[b, q])
+            return (k <= q + past) & (q + past - k <= pos[b, q])
 
         def in_window(b, h, q, k):
-            return same_document(b, h, q, k) & (q - k < window)
+            return same_document(b, h, q, k) & (q + past - k < window)
 
         T = context.seq_len
         return create_block_mask(
@@ -80,12 +83,12 @@ def document_block_mask(context: BatchContext, window: int | None = None):
             context.batch,
             None,
             T,
-            T,
+            past + T,
             device=pos.device,
             _compile=pos.is_cuda,
         )
 
-    return context.memo(("document_block_mask", window), build)
+    return context.memo(("document_block_mask", window, past), build)
 
 
 _compiled_flex = None
@@ -121,6 +124,11 @@ class Attention(TokenMixer):
     def _use_flex(self, x: torch.Tensor) -> bool:
         path = self.options.packed_path
         return path == "flex" or (path == "auto" and x.is_cuda)
+
+    def _flex_applies(self, x: torch.Tensor, context: BatchContext, past: int) -> bool:
+        """FlexAttention for a whole forward without a cache, or a sequence-parallel slice after the
+        earlier slices' keys (one mask per batch); a decoding or prefill cache keeps the mask path."""
+        return self._use_flex(x) and (past == 0 or context.sequence_parallel is not None)
 
     def forward(
         self,
@@ -178,8 +186,8 @@ class Attention(TokenMixer):
         gqa = self.n_kv_heads != self.n_heads
         if past == 0 and not context.packed:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
-        elif past == 0 and self._use_flex(q):
-            y = flex_attention(q, k, v, document_block_mask(context), gqa)
+        elif self._flex_applies(q, context, past):
+            y = flex_attention(q, k, v, document_block_mask(context, past=past), gqa)
         else:
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=attention_mask(context, past), enable_gqa=gqa

@@ -7,9 +7,10 @@ class inherits; only the kernel and the decoding state differ.
 
 Which kernel runs (cost O(T · window), never a T × T mask once the window is shorter than the keys):
 - every key within the window (`past + T <= window`): plain causal attention, `attention`'s paths;
-- no cache, on CUDA (`path: auto`) or `path: flex`: FlexAttention with a sliding-window ∧ document
-  block mask, built once per batch and window (`BatchContext.memo`) and shared by all layers, so
-  blocks outside the band are skipped;
+- no cache (or a sequence-parallel slice after the earlier slices' last `window − 1` keys), on CUDA
+  (`path: auto`) or `path: flex`: FlexAttention with a sliding-window ∧ document block mask, built
+  once per batch and window (`BatchContext.memo`) and shared by all layers, so blocks outside the
+  band are skipped;
 - otherwise (CPU, a decoding or prefill state, `path: blocked`): `banded_attention`, queries in
   blocks of Q = max(window, 64) tokens, each against its own keys and the `window - 1` before them:
   memory O(T · (Q + window)).
@@ -110,9 +111,9 @@ class SlidingWindowAttention(Attention):
         W = self.options.window
         if past + q.shape[1] <= W:
             return super()._attend(q, k, v, context, past)
-        if past == 0 and self._use_flex(q):
+        if self._flex_applies(q, context, past):
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-            mask = document_block_mask(context, W)
+            mask = document_block_mask(context, W, past)
             return flex_attention(q, k, v, mask, self.n_kv_heads != self.n_heads).transpose(1, 2)
         return banded_attention(q, k, v, context.positions, past, W)
 
