@@ -2,3 +2,22 @@
 sweep (`mqar`), held-out perplexity on prepared data (`ppl`), and `compare` (several mixers or
 configs trained on the same budget, measured and reported side by side). The CLI is `lmstack eval`
 (arguments in `lmstack.eval.cli`) and `lmstack compare`. Submodules are imported on use: lm-eval is heavy to import."""
+
+import contextlib
+import signal
+
+
+@contextlib.contextmanager
+def sigterm_exits():
+    """Within the block SIGTERM raises SystemExit, so that `with`/`finally` clean-ups run (a
+    terminated compare stops its training child, a terminated MQAR sweep its worker pool) instead of
+    leaving orphaned processes that keep training."""
+
+    def _exit(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, _exit)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

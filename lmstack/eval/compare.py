@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from lmstack.errors import LMStackError
+from lmstack.eval import sigterm_exits
 
 #: Settings that must agree between the runs of one comparison (the mixer and the run dir may differ).
 SAME_BUDGET = [
@@ -227,10 +227,6 @@ class CompareSettings:
     mqar_settings: dict[str, Any] | None = None
 
 
-def _exit_on_sigterm(signum: int, frame: Any) -> None:
-    raise SystemExit(128 + signum)
-
-
 def _run_stages(
     run: Run, label: str, stages: dict[str, Callable], log: Callable[[str], None]
 ) -> dict[str, Any]:
@@ -292,13 +288,10 @@ def run_compare(
         )
     # A terminated compare stops its training child too (subprocess.run kills it on the way out),
     # so that a rerun never trains the same run directory twice at once.
-    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    try:
+    with sigterm_exits():
         results = [
             _run_stages(run, f"[{i}/{len(runs)}] {run.name}", stages, log) for i, run in enumerate(runs, 1)
         ]
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     report = {
         "command": command,
         "runs": results,

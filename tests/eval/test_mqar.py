@@ -196,6 +196,45 @@ def test_default_sweep_covers_registry_but_shortconv():
         mqar.run_sweep(mqar.sweep_config(None, mixers=["nope"]), log=lambda m: None)
 
 
+def test_presets_build_a_probe_for_every_default_mixer():
+    """Every mixer of the default sweep at every d_model of every preset makes a valid probe, with
+    the preset's options and the heads it needs (MoH refuses a single head)."""
+    for name in mqar.PRESETS:
+        cfg = mqar.sweep_config(name)
+        for mixer in mqar.default_mixers():
+            heads = cfg.mixer_heads.get(mixer, cfg.n_heads)
+            options = {mixer: cfg.mixer_options[mixer]} if mixer in cfg.mixer_options else None
+            for d in cfg.d_models:
+                mqar.probe_model_config(mixer, d, cfg.data, heads, options)
+    assert mqar.sweep_config("cpu").mixer_options == {"swa": {"window": 32}}
+
+
+def test_terminated_sweep_leaves_no_workers(tmp_path):
+    """SIGTERM to a sweep with worker processes stops the workers too (none keeps training)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cmd = [sys.executable, "-m", "lmstack.cli", "eval", "mqar", "--preset", "cpu", "--mixers", "attention"]
+    cmd += ["--jobs", "2", "--out", str(tmp_path / "mqar")]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    assert "group(s) to train" in proc.stderr.readline()
+    time.sleep(3)  # the workers have started training
+    os.kill(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(proc.pid, 0)  # anything left in the sweep's process group?
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise AssertionError("worker processes outlived the terminated sweep")
+
+
 def test_cli_mqar(tmp_path, capsys):
     from lmstack.cli import main
 
