@@ -206,7 +206,7 @@ def test_presets_build_a_probe_for_every_default_mixer():
             options = {mixer: cfg.mixer_options[mixer]} if mixer in cfg.mixer_options else None
             for d in cfg.d_models:
                 mqar.probe_model_config(mixer, d, cfg.data, heads, options)
-    assert mqar.sweep_config("cpu").mixer_options == {"swa": {"window": 32}}
+    assert mqar.sweep_config("cpu").mixer_options == {"swa": {"window": 16}}
 
 
 def test_terminated_sweep_leaves_no_workers(tmp_path):

@@ -106,7 +106,7 @@ def test_flex_path_equals_banded_path() -> None:
     x = torch.randn(2, 100, D)
     ctx = BatchContext.from_doc_ids(doc_ids)
     y_flex = swa_layer(9, "flex")(x, ctx).y
-    assert ("document_block_mask", 9) in ctx._memo  # built once per batch and window, for all layers
+    assert ("document_block_mask", 9, 0) in ctx._memo  # built once per batch, window and past, for all layers
     assert_rel_rmse(y_flex, swa_layer(9, "blocked")(x, ctx).y, 1e-5, "flex vs blocked")
 
 
