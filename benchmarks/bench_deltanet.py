@@ -37,15 +37,9 @@ def make_inputs(B, T, H, D, dtype, device) -> list[torch.Tensor]:
 def main(argv: list[str] | None = None) -> None:
     notes = {"inputs": "q, k L2-normalised N(0, 1) rows; beta = sigmoid(N(0, 1))"}
     op_bench.run_standard_methods(
-        argv,
-        __doc__.split("\n\n")[0],
-        "lmstack_kernels.deltanet.delta_rule_attn",
-        "deltanet",
-        delta_rule_attn,
-        ("fla.ops.delta_rule", "chunk_delta_rule"),
-        make_inputs,
-        notes,
-    )
+        argv, __doc__.split("\n\n")[0], "lmstack_kernels.deltanet.delta_rule_attn", "deltanet",
+        delta_rule_attn, ("fla.ops.delta_rule", "chunk_delta_rule"), make_inputs, notes,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -34,15 +34,9 @@ def make_inputs(B, T, H, D, dtype, device) -> list[torch.Tensor]:
 def main(argv: list[str] | None = None) -> None:
     notes = {"gates": "g = logsigmoid(N(0, 1)) / 16"}
     op_bench.run_standard_methods(
-        argv,
-        __doc__.split("\n\n")[0],
-        "lmstack_kernels.gla.gla_attn",
-        "gla",
-        gla_attn,
-        ("fla.ops.gla", "chunk_gla"),
-        make_inputs,
-        notes,
-    )
+        argv, __doc__.split("\n\n")[0], "lmstack_kernels.gla.gla_attn", "gla",
+        gla_attn, ("fla.ops.gla", "chunk_gla"), make_inputs, notes,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -4,17 +4,10 @@ tiny LM that trains on CPU, and option errors."""
 
 from __future__ import annotations
 
+import mixer_checks as checks
 import pytest
 import torch
-from helpers import assert_lm_learns, assert_rel_rmse, generate_in_pieces
-from mixer_checks import (
-    assert_packed_documents_are_isolated,
-    assert_state_continues_only_into_first_document,
-    assert_triton_matches_torch,
-    context,
-    decode_in_pieces,
-    mixer_config,
-)
+from helpers import assert_lm_learns, assert_rel_rmse
 
 from lmstack.errors import ConfigError
 from lmstack.model.config import ModelConfig
@@ -24,7 +17,7 @@ from lmstack.model.mixers.deltanet import DeltaNetState
 
 
 def _config(**kw) -> ModelConfig:
-    return mixer_config("deltanet", **kw)
+    return checks.mixer_config("deltanet", **kw)
 
 
 def _mixer(**options):
@@ -44,36 +37,31 @@ def test_cached_decoding_equals_full_forward(options: dict) -> None:
     recurrent state carry over exactly."""
     mixer = _mixer(**options)
     x = torch.randn(2, 40, 64)
-    full, none, _ = mixer(x, context(x))
+    full, none, _ = mixer(x, checks.context(x))
     assert none is None
-    decoded, state = decode_in_pieces(mixer, x, 10, 17)
+    decoded, state = checks.decode_in_pieces(mixer, x, 10, 17)
     assert isinstance(state, DeltaNetState) and state.recurrent.shape == (2, 2, 32, 32)
     assert state.recurrent.dtype == torch.float32
     assert state.conv.window.shape == (2, mixer.options.conv_size - 1, 3 * 64)
     assert_rel_rmse(decoded, full, 1e-5, "decoded vs full")
 
 
-@torch.no_grad()
 def test_lm_generation_cache_equals_full_forward() -> None:
-    model = LM(_config()).eval()
-    ids = torch.randint(0, 40, (2, 30))
-    logits, cache = generate_in_pieces(model, ids, 5, 30)
-    assert cache.seen_tokens == 30
-    assert_rel_rmse(logits, model(ids).logits, 1e-5, "generation logits")
+    checks.assert_generation_cache_equals_full_forward(LM(_config()).eval())
 
 
 @torch.no_grad()
 def test_packed_documents_equal_each_document_alone() -> None:
-    assert_packed_documents_are_isolated(_mixer(), {"recurrent": 1e-5, "conv.window": 1e-6})
+    checks.assert_packed_documents_are_isolated(_mixer(), {"recurrent": 1e-5, "conv.window": 1e-6})
 
 
 @torch.no_grad()
 def test_state_continues_only_into_first_document() -> None:
-    assert_state_continues_only_into_first_document(_mixer(), {"recurrent": 1e-5, "conv.window": 1e-6})
+    checks.assert_state_continues_only_into_first_document(_mixer(), {"recurrent": 1e-5, "conv.window": 1e-6})
 
 
 def test_triton_backend_matches_torch_backend() -> None:
-    assert_triton_matches_torch(
+    checks.assert_triton_matches_torch(
         lambda backend: _mixer(backend=backend, allow_neg_eigval=True),
         ("qkv_proj.weight", "beta_proj.weight", "conv.weight"),
     )

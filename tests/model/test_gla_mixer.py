@@ -5,17 +5,10 @@ and without the short convolution)."""
 
 from __future__ import annotations
 
+import mixer_checks as checks
 import pytest
 import torch
-from helpers import assert_lm_learns, assert_rel_rmse, generate_in_pieces
-from mixer_checks import (
-    assert_packed_documents_are_isolated,
-    assert_state_continues_only_into_first_document,
-    assert_triton_matches_torch,
-    context,
-    decode_in_pieces,
-    mixer_config,
-)
+from helpers import assert_lm_learns, assert_rel_rmse
 
 from lmstack.errors import ConfigError
 from lmstack.model.config import ModelConfig
@@ -25,7 +18,7 @@ from lmstack.model.mixers.gla import GLAState
 
 
 def _config(**kw) -> ModelConfig:
-    return mixer_config("gla", **kw)
+    return checks.mixer_config("gla", **kw)
 
 
 def _mixer(**options):
@@ -51,9 +44,9 @@ def test_cached_decoding_equals_full_forward(options: dict) -> None:
     """Prefill 10 tokens, decode 20 one at a time, then a chunk of 7 with the state handed over."""
     mixer = _mixer(**options)
     x = torch.randn(2, 37, 64)
-    full, none, _ = mixer(x, context(x))
+    full, none, _ = mixer(x, checks.context(x))
     assert none is None
-    decoded, state = decode_in_pieces(mixer, x, 10, 30)
+    decoded, state = checks.decode_in_pieces(mixer, x, 10, 30)
     K = 32 * options.get("expand_k", 0.5)
     assert isinstance(state, GLAState) and state.kv.shape == (2, 2, K, 32)
     assert state.kv.dtype == torch.float32
@@ -61,30 +54,29 @@ def test_cached_decoding_equals_full_forward(options: dict) -> None:
     assert_rel_rmse(decoded, full, 1e-5, "cached vs full")
 
 
-@torch.no_grad()
 def test_lm_generation_cache_equals_full_forward() -> None:
     torch.manual_seed(0)
-    model = LM(_config(mixer_options={"gla": {"use_short_conv": True}})).eval()
-    ids = torch.randint(0, 40, (2, 30))
-    logits, cache = generate_in_pieces(model, ids, 5, 30)
-    assert cache.seen_tokens == 30
-    assert_rel_rmse(logits, model(ids).logits, 1e-5, "generation cache")
+    checks.assert_generation_cache_equals_full_forward(
+        LM(_config(mixer_options={"gla": {"use_short_conv": True}})).eval()
+    )
 
 
 @pytest.mark.parametrize("options", OPTIONS[:2])
 @torch.no_grad()
 def test_packed_documents_are_isolated(options: dict) -> None:
-    assert_packed_documents_are_isolated(_mixer(**options), {"kv": 1e-5})
+    checks.assert_packed_documents_are_isolated(_mixer(**options), {"kv": 1e-5})
 
 
 @torch.no_grad()
 def test_state_continues_only_into_first_document() -> None:
-    assert_state_continues_only_into_first_document(_mixer(use_short_conv=True), {"kv": 1e-5})
+    checks.assert_state_continues_only_into_first_document(_mixer(use_short_conv=True), {"kv": 1e-5})
 
 
 def test_triton_backend_matches_torch_backend() -> None:
     """Forward and backward, the gates' projections included."""
-    assert_triton_matches_torch(lambda backend: _mixer(backend=backend), ("k_proj.weight", "gate_up.weight"))
+    checks.assert_triton_matches_torch(
+        lambda backend: _mixer(backend=backend), ("k_proj.weight", "gate_up.weight")
+    )
 
 
 @pytest.mark.parametrize(

@@ -7,17 +7,10 @@ import json
 import subprocess
 import sys
 
+import mixer_checks as checks
 import pytest
 import torch
-from helpers import assert_lm_learns, generate_in_pieces
-from mixer_checks import (
-    assert_packed_documents_are_isolated,
-    assert_state_continues_only_into_first_document,
-    assert_triton_matches_torch,
-    context,
-    decode_in_pieces,
-    mixer_config,
-)
+from helpers import assert_lm_learns
 
 from lmstack.errors import ConfigError
 from lmstack.export.exporter import export_model
@@ -28,7 +21,7 @@ from lmstack.model.mixers.lightning import LightningState, alibi_slopes, decay_s
 
 
 def _config(**kw) -> ModelConfig:
-    return mixer_config("lightning", **kw)
+    return checks.mixer_config("lightning", **kw)
 
 
 def _mixer(layer_idx: int = 0, **options):
@@ -47,35 +40,32 @@ OPTIONS = [{}, {"norm": "srms", "gate": "identity", "qk_activation": "identity"}
 def test_cached_decoding_equals_full_forward(options: dict) -> None:
     mixer = _mixer(1, **options)
     x = torch.randn(2, 37, 64)
-    full, none, _ = mixer(x, context(x))
+    full, none, _ = mixer(x, checks.context(x))
     assert none is None
-    decoded, state = decode_in_pieces(mixer, x, 10, 37)  # prefill a chunk, then one token at a time
+    decoded, state = checks.decode_in_pieces(mixer, x, 10, 37)  # prefill a chunk, then one token at a time
     assert isinstance(state, LightningState) and state.kv.shape == (2, 2, 32, 32)
     assert state.kv.dtype == torch.float32
     assert (decoded - full).abs().max().item() < 1e-4
 
 
-@torch.no_grad()
 def test_lm_generation_cache_equals_full_forward() -> None:
-    model = LM(_config()).eval()
-    ids = torch.randint(0, 40, (2, 30))
-    logits, cache = generate_in_pieces(model, ids, 5, 30)
-    assert cache.seen_tokens == 30
-    assert (logits - model(ids).logits).abs().max().item() < 1e-4
+    checks.assert_generation_cache_equals_full_forward(LM(_config()).eval())
 
 
 @torch.no_grad()
 def test_packed_documents_are_isolated() -> None:
-    assert_packed_documents_are_isolated(_mixer(), {"kv": 1e-5})
+    checks.assert_packed_documents_are_isolated(_mixer(), {"kv": 1e-5})
 
 
 @torch.no_grad()
 def test_state_continues_only_into_first_document() -> None:
-    assert_state_continues_only_into_first_document(_mixer(), {"kv": 1e-5})
+    checks.assert_state_continues_only_into_first_document(_mixer(), {"kv": 1e-5})
 
 
 def test_triton_backend_matches_torch_backend() -> None:
-    assert_triton_matches_torch(lambda backend: _mixer(backend=backend), ("q_proj.weight", "k_proj.weight"))
+    checks.assert_triton_matches_torch(
+        lambda backend: _mixer(backend=backend), ("q_proj.weight", "k_proj.weight")
+    )
 
 
 def test_decay_slopes() -> None:
