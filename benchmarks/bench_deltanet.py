@@ -19,15 +19,11 @@ Examples:
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import op_bench
 import torch
 import torch.nn.functional as F
 
 from lmstack_kernels.deltanet import delta_rule_attn
-
-METHODS = ["triton", "torch_chunk", "sdpa", "fla_chunk_delta_rule"]
 
 
 def make_inputs(B, T, H, D, dtype, device) -> list[torch.Tensor]:
@@ -38,26 +34,11 @@ def make_inputs(B, T, H, D, dtype, device) -> list[torch.Tensor]:
     return [x.to(device=device, dtype=dtype).requires_grad_() for x in (q, k, v, beta)]
 
 
-def make_method(name: str) -> Callable:
-    """A function (q, k, v, beta) -> o with q, k, v in [B, T, H, D] and beta in [B, T, H]."""
-    if name in ("triton", "torch_chunk"):
-        backend = "triton" if name == "triton" else "torch"
-        return lambda q, k, v, beta: delta_rule_attn(q, k, v, beta, backend=backend)[0]
-    if name == "sdpa":
-        return op_bench.sdpa
-    if name == "fla_chunk_delta_rule":
-        from fla.ops.delta_rule import chunk_delta_rule
-
-        return lambda q, k, v, beta: chunk_delta_rule(q, k, v, beta, scale=q.shape[-1] ** -0.5)[0]
-    raise ValueError(name)
-
-
 def main(argv: list[str] | None = None) -> None:
-    args = op_bench.parser(__doc__.split("\n\n")[0], METHODS, "deltanet").parse_args(argv)
     notes = {"inputs": "q, k L2-normalised N(0, 1) rows; beta = sigmoid(N(0, 1))"}
-    op_bench.run(
-        args, "lmstack_kernels.deltanet.delta_rule_attn", "deltanet", make_method,
-        lambda name, device: op_bench.unavailable(name, device, "fla.ops.delta_rule"), make_inputs, notes,
+    op_bench.run_standard_methods(
+        argv, __doc__.split("\n\n")[0], "lmstack_kernels.deltanet.delta_rule_attn", "deltanet",
+        delta_rule_attn, ("fla.ops.delta_rule", "chunk_delta_rule"), make_inputs, notes,
     )  # fmt: skip
 
 

@@ -16,15 +16,11 @@ Examples:
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import op_bench
 import torch
 import torch.nn.functional as F
 
 from lmstack_kernels.gla import gla_attn
-
-METHODS = ["triton", "torch_chunk", "sdpa", "fla_chunk_gla"]
 
 
 def make_inputs(B, T, H, D, dtype, device) -> list[torch.Tensor]:
@@ -35,26 +31,11 @@ def make_inputs(B, T, H, D, dtype, device) -> list[torch.Tensor]:
     return [x.to(device=device, dtype=dtype).requires_grad_() for x in (q, k, v, g)]
 
 
-def make_method(name: str) -> Callable:
-    """A function (q, k, v, g) -> o with all four in [B, T, H, D]."""
-    if name in ("triton", "torch_chunk"):
-        backend = "triton" if name == "triton" else "torch"
-        return lambda q, k, v, g: gla_attn(q, k, v, g, backend=backend)[0]
-    if name == "sdpa":
-        return op_bench.sdpa
-    if name == "fla_chunk_gla":
-        from fla.ops.gla import chunk_gla
-
-        return lambda q, k, v, g: chunk_gla(q, k, v, g, scale=q.shape[-1] ** -0.5)[0]
-    raise ValueError(name)
-
-
 def main(argv: list[str] | None = None) -> None:
-    args = op_bench.parser(__doc__.split("\n\n")[0], METHODS, "gla").parse_args(argv)
     notes = {"gates": "g = logsigmoid(N(0, 1)) / 16"}
-    op_bench.run(
-        args, "lmstack_kernels.gla.gla_attn", "gla", make_method,
-        lambda name, device: op_bench.unavailable(name, device, "fla.ops.gla"), make_inputs, notes,
+    op_bench.run_standard_methods(
+        argv, __doc__.split("\n\n")[0], "lmstack_kernels.gla.gla_attn", "gla",
+        gla_attn, ("fla.ops.gla", "chunk_gla"), make_inputs, notes,
     )  # fmt: skip
 
 

@@ -1,4 +1,4 @@
-"""Shared machinery of the op benchmarks (`bench_lightning.py`, `bench_gla.py`): timing, peak memory,
+"""Shared machinery of the op benchmarks (`bench_lightning.py`, `bench_gla.py`, `bench_deltanet.py`): timing, peak memory,
 the JSON record and the plot. An op's script supplies its methods and inputs and calls `run`.
 
 Timing: medians (or `--stat min`) over `--reps` runs after `--warmup` runs (CUDA: events around each
@@ -11,6 +11,7 @@ after is recorded: on a shared host, timings are only as good as its idle time.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import os
@@ -320,3 +321,42 @@ def run(
     if ok:
         plot(result | {"results": ok}, out.with_suffix(".png"))
     return result
+
+
+def run_standard_methods(
+    argv: list[str] | None,
+    description: str,
+    op: str,
+    tag: str,
+    attn: Callable,
+    fla: tuple[str, str],
+    make_inputs: Callable[[int, int, int, int, torch.dtype, torch.device], list[torch.Tensor]],
+    notes: dict,
+) -> dict:
+    """`run` for an op with one input x besides q, k, v, called attn(q, k, v, x, backend=…) -> (o, …).
+
+    Methods: "triton" and "torch_chunk" (the op's two backends), "sdpa", and "fla_<name>" for
+    fla = (module, name): fla's function, called (q, k, v, x, scale=K^-1/2)."""
+    fla_module, fla_name = fla
+
+    def make_method(name: str) -> Callable:
+        if name in ("triton", "torch_chunk"):
+            backend = "triton" if name == "triton" else "torch"
+            return lambda q, k, v, x: attn(q, k, v, x, backend=backend)[0]
+        if name == "sdpa":
+            return sdpa
+        if name == f"fla_{fla_name}":
+            fn = getattr(importlib.import_module(fla_module), fla_name)
+            return lambda q, k, v, x: fn(q, k, v, x, scale=q.shape[-1] ** -0.5)[0]
+        raise ValueError(name)
+
+    args = parser(description, ["triton", "torch_chunk", "sdpa", f"fla_{fla_name}"], tag).parse_args(argv)
+    return run(
+        args,
+        op,
+        tag,
+        make_method,
+        lambda name, device: unavailable(name, device, fla_module),
+        make_inputs,
+        notes,
+    )

@@ -1,4 +1,5 @@
-"""The numerical tolerance helper of the test suite (relative RMSE), and a small-LM learning check."""
+"""The numerical tolerance helper of the test suite (relative RMSE), a small-LM learning check, and
+cached generation in pieces."""
 
 import math
 
@@ -33,3 +34,17 @@ def assert_lm_learns(model: torch.nn.Module, vocab_size: int) -> None:
         losses.append(loss.item())
     assert math.isfinite(losses[-1])
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def generate_in_pieces(model, ids: torch.Tensor, prefill: int, steps_until: int):
+    """Prefill `prefill` tokens, generate one token at a time up to `steps_until`, then the rest in one
+    chunk (if any), the model's cache handed over each time. Returns (the logits joined, the cache)."""
+    logits, cache, _ = model(ids[:, :prefill], use_cache=True)
+    outs = [logits]
+    for t in range(prefill, steps_until):
+        logits, cache, _ = model(ids[:, t : t + 1], cache=cache, use_cache=True)
+        outs.append(logits)
+    if steps_until < ids.shape[1]:
+        logits, cache, _ = model(ids[:, steps_until:], cache=cache, use_cache=True)
+        outs.append(logits)
+    return torch.cat(outs, 1), cache

@@ -5,7 +5,8 @@ flash-linear-attention counterpart, all on the same dict of inputs, so that `che
 forward and backward against the references) and `bench_ops.py` (speed against fla and SDPA) need no
 per-op code. Adding an op is one input maker and one `Op(...)` entry.
 
-Calling conventions (x: the dict from `make_inputs`, all [B, T, H, *] but per-head constants):
+Calling conventions (x: the dict from `make_inputs`, all [B, T, H, *] but per-head constants; every
+op is called as attn(q, k, v, x[own_input], ...)):
     run(x, backend, initial_state, cu_seqlens)   -> (o [B, T, H, V], final state [N, H, K, V] fp32)
     naive(x, initial_state, cu_seqlens)          -> the same from the token-by-token recurrence, in
                                                     x's dtype (the suite passes fp64)
@@ -15,6 +16,7 @@ Calling conventions (x: the dict from `make_inputs`, all [B, T, H, *] but per-he
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -36,14 +38,26 @@ class Op:
     # (B, T, H, K, V, strong_decay, generator) -> fp32 CPU inputs; strong_decay: forget within a few tokens
     make_inputs: Callable[[int, int, int, int, int, bool, torch.Generator], Inputs]
     grad_inputs: tuple[str, ...]  # the inputs that receive gradients (the rest are constants)
-    run: Callable[..., tuple[torch.Tensor, torch.Tensor]]
-    naive: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    own_input: str  # the op's input after q, k, v (e.g. "g")
+    attn: Callable[..., tuple[torch.Tensor, torch.Tensor]]  # the op: attn(q, k, v, own input, ...)
+    naive_fn: Callable[..., tuple[torch.Tensor, torch.Tensor]]  # its naive recurrence, alike
     fla: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     fla_name: str
     head_dims: tuple[int, ...] = (64, 128, 256)  # head dims checked on the GPU (K = V)
     # Relative RMSE allowed against the reference, per input dtype. fp32: Triton's tl.dot takes fp32
     # operands as tf32 by default (METHOD.md: near 3e-4 per product); bf16: 16-bit dot operands.
     tolerance: dict[str, float] = field(default_factory=lambda: {"fp32": 5e-3, "bf16": 2e-2})
+
+    def run(self, x: Inputs, backend: str, initial_state=None, cu_seqlens=None):
+        return self.attn(
+            x["q"], x["k"], x["v"], x[self.own_input], initial_state=initial_state,
+            output_final_state=True, cu_seqlens=cu_seqlens, backend=backend,
+        )  # fmt: skip
+
+    def naive(self, x: Inputs, initial_state=None, cu_seqlens=None):
+        return self.naive_fn(
+            x["q"], x["k"], x["v"], x[self.own_input], None, initial_state, True, cu_seqlens, x["q"].dtype
+        )
 
 
 def _qkv(B: int, T: int, H: int, K: int, V: int, gen: torch.Generator) -> Inputs:
@@ -77,15 +91,6 @@ def _gla_inputs(B, T, H, K, V, strong_decay, gen) -> Inputs:
     return {**_qkv(B, T, H, K, V, gen), "g": g}
 
 
-def _fla_gla(x: Inputs, initial_state=None, cu_seqlens=None):
-    from fla.ops.gla import chunk_gla
-
-    return chunk_gla(
-        x["q"], x["k"], x["v"], x["g"], initial_state=initial_state, output_final_state=True,
-        cu_seqlens=None if cu_seqlens is None else cu_seqlens.long(),
-    )  # fmt: skip
-
-
 def _deltanet_inputs(B, T, H, K, V, strong_decay, gen) -> Inputs:
     # q, k L2-normalised (the op's precondition). β up to 2 ("strong": negative eigenvalues, each
     # token overwrites most of what its key held) or within (0, 1).
@@ -94,58 +99,44 @@ def _deltanet_inputs(B, T, H, K, V, strong_decay, gen) -> Inputs:
     return {**x, "q": F.normalize(x["q"], dim=-1), "k": F.normalize(x["k"], dim=-1), "beta": beta}
 
 
-def _fla_delta_rule(x: Inputs, initial_state=None, cu_seqlens=None):
-    from fla.ops.delta_rule import chunk_delta_rule
+def _fla_chunk(module: str, name: str, own_input: str) -> Callable:
+    """fla's `module.name`, called (q, k, v, x[own_input], …) like `Op.run` (imported when called)."""
 
-    return chunk_delta_rule(
-        x["q"], x["k"], x["v"], x["beta"], initial_state=initial_state, output_final_state=True,
-        cu_seqlens=None if cu_seqlens is None else cu_seqlens.long(),
-    )  # fmt: skip
+    def call(x: Inputs, initial_state=None, cu_seqlens=None):
+        return getattr(importlib.import_module(module), name)(
+            x["q"], x["k"], x["v"], x[own_input], initial_state=initial_state, output_final_state=True,
+            cu_seqlens=None if cu_seqlens is None else cu_seqlens.long(),
+        )  # fmt: skip
+
+    return call
 
 
 OPS: dict[str, Op] = {
     "lightning": Op(
         make_inputs=_lightning_inputs,
         grad_inputs=("q", "k", "v"),
-        run=lambda x, backend, **kw: lightning_attn(
-            x["q"], x["k"], x["v"], x["decay"].float(), output_final_state=True, backend=backend, **kw
-        ),
-        naive=lambda x, **kw: naive_lightning_attn(
-            x["q"],
-            x["k"],
-            x["v"],
-            x["decay"],
-            None,
-            kw["initial_state"],
-            True,
-            kw["cu_seqlens"],
-            x["q"].dtype,
-        ),
+        own_input="decay",
+        attn=lightning_attn,
+        naive_fn=naive_lightning_attn,
         fla=_fla_simple_gla,
         fla_name="fla.ops.simple_gla.chunk_simple_gla (g = decay broadcast over B, T)",
     ),
     "gla": Op(
         make_inputs=_gla_inputs,
         grad_inputs=("q", "k", "v", "g"),
-        run=lambda x, backend, **kw: gla_attn(
-            x["q"], x["k"], x["v"], x["g"], output_final_state=True, backend=backend, **kw
-        ),
-        naive=lambda x, **kw: naive_gla(
-            x["q"], x["k"], x["v"], x["g"], None, kw["initial_state"], True, kw["cu_seqlens"], x["q"].dtype
-        ),
-        fla=_fla_gla,
+        own_input="g",
+        attn=gla_attn,
+        naive_fn=naive_gla,
+        fla=_fla_chunk("fla.ops.gla", "chunk_gla", "g"),
         fla_name="fla.ops.gla.chunk_gla",
     ),
     "deltanet": Op(
         make_inputs=_deltanet_inputs,
         grad_inputs=("q", "k", "v", "beta"),
-        run=lambda x, backend, **kw: delta_rule_attn(
-            x["q"], x["k"], x["v"], x["beta"], output_final_state=True, backend=backend, **kw
-        ),
-        naive=lambda x, **kw: naive_delta_rule(
-            x["q"], x["k"], x["v"], x["beta"], None, kw["initial_state"], True, kw["cu_seqlens"], x["q"].dtype
-        ),
-        fla=_fla_delta_rule,
+        own_input="beta",
+        attn=delta_rule_attn,
+        naive_fn=naive_delta_rule,
+        fla=_fla_chunk("fla.ops.delta_rule", "chunk_delta_rule", "beta"),
         fla_name="fla.ops.delta_rule.chunk_delta_rule",
     ),
 }

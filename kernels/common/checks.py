@@ -38,6 +38,21 @@ def check_qkv(op: str, q, k, v, min_dim: int, max_dim: int) -> None:
             raise ValueError(f"{op}: {name} = {d} is not supported; expected {min_dim}..{max_dim}")
 
 
+def check_float_tensor(op: str, name: str, x, shape, dims: str, device: torch.device) -> None:
+    """x: a tensor of `shape` (written `dims`, e.g. "[B, T, H]") in one of DTYPES, on `device`."""
+    if not isinstance(x, torch.Tensor) or tuple(x.shape) != tuple(shape) or x.dtype not in DTYPES:
+        got = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{op}: {name} must be a float tensor {dims} = {list(shape)}, got {got}")
+    if x.device != device:
+        raise ValueError(f"{op}: {name} is on {x.device}, the other inputs on {device}")
+
+
+def check_chunk_size(op: str, chunk_size: int | None) -> None:
+    """None (the op's default) or a power of two in 16..128."""
+    if chunk_size is not None and (chunk_size < 16 or chunk_size > 128 or chunk_size & (chunk_size - 1)):
+        raise ValueError(f"{op}: chunk_size must be a power of two in 16..128, got {chunk_size}")
+
+
 def check_sequences(op: str, q, v, initial_state, cu_seqlens, backend: str) -> None:
     """cu_seqlens ([N+1], B = 1), initial_state ([B or N, H, K, V]) and backend."""
     B, T, H, K = q.shape

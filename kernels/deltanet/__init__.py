@@ -10,7 +10,14 @@ from __future__ import annotations
 
 import torch
 
-from lmstack_kernels.common.checks import DTYPES, check_qkv, check_sequences, use_triton
+from lmstack_kernels.common.checks import (
+    DTYPES,
+    check_chunk_size,
+    check_float_tensor,
+    check_qkv,
+    check_sequences,
+    use_triton,
+)
 from lmstack_kernels.common.compiler import disable_compile
 from lmstack_kernels.deltanet.chunk import chunk_delta_rule, chunk_delta_rule_affine_map
 from lmstack_kernels.deltanet.recurrent import recurrent_delta_rule_step
@@ -25,21 +32,12 @@ TRITON_CHUNK, TORCH_CHUNK = 32, 64
 
 
 def _check_beta(op: str, k: torch.Tensor, beta) -> None:
-    if not isinstance(beta, torch.Tensor) or beta.shape != k.shape[:3] or beta.dtype not in DTYPES:
-        got = (tuple(beta.shape), beta.dtype) if isinstance(beta, torch.Tensor) else type(beta).__name__
-        raise ValueError(f"{op}: beta must be a float tensor [B, T, H] = {list(k.shape[:3])}, got {got}")
-    if beta.device != k.device:
-        raise ValueError(f"{op}: beta is on {beta.device}, k on {k.device}")
+    check_float_tensor(op, "beta", beta, k.shape[:3], "[B, T, H]", k.device)
     # Value checks only for CPU tensors (no host sync on CUDA; see lmstack_kernels.common.checks).
     if not k.is_cuda and beta.numel() and not bool(((beta >= 0) & (beta <= 2)).all()):
         raise ValueError(
             f"{op}: beta must lie in [0, 2] (up to 1: a contraction; above: negative eigenvalues)"
         )
-
-
-def _check_chunk_size(op: str, chunk_size) -> None:
-    if chunk_size is not None and (chunk_size < 16 or chunk_size > 128 or chunk_size & (chunk_size - 1)):
-        raise ValueError(f"{op}: chunk_size must be a power of two in 16..128, got {chunk_size}")
 
 
 @disable_compile  # the Triton launch graph-breaks under torch.compile
@@ -100,7 +98,7 @@ def delta_rule_attn(
     check_qkv(op, q, k, v, MIN_HEAD_DIM, MAX_HEAD_DIM)
     _check_beta(op, k, beta)
     check_sequences(op, q, v, initial_state, cu_seqlens, backend)
-    _check_chunk_size(op, chunk_size)
+    check_chunk_size(op, chunk_size)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if q.shape[1] == 1 and cu_seqlens is None:
@@ -141,5 +139,5 @@ def delta_rule_affine_map(
     check_qkv(op, k, k, v, MIN_HEAD_DIM, MAX_HEAD_DIM)  # k stands in for q (checked just above)
     _check_beta(op, k, beta)
     check_sequences(op, k, v, None, cu_seqlens, "torch")
-    _check_chunk_size(op, chunk_size)
+    check_chunk_size(op, chunk_size)
     return chunk_delta_rule_affine_map(k, v, beta, cu_seqlens, chunk_size or TORCH_CHUNK)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from lmstack_kernels.common.naive import sequence_bounds, start_state
+
 
 def naive_delta_rule(
     q: torch.Tensor,
@@ -29,19 +31,11 @@ def naive_delta_rule(
     o in q's dtype and the final state in fp32 (None unless `output_final_state`)."""
     B, T, H, K = q.shape
     scale = K**-0.5 if scale is None else scale
-    if cu_seqlens is None:
-        bounds = [(b, 0, T) for b in range(B)]
-    else:
-        cu = cu_seqlens.tolist()
-        bounds = [(0, cu[n], cu[n + 1]) for n in range(len(cu) - 1)]
     eye = torch.eye(K, dtype=dtype, device=q.device)
     o = torch.zeros(v.shape, dtype=dtype, device=v.device)
     finals = []
-    for n, (b, start, end) in enumerate(bounds):
-        if initial_state is not None:
-            S = initial_state[n].to(dtype).clone()
-        else:
-            S = torch.zeros(H, K, v.shape[-1], dtype=dtype, device=v.device)
+    for n, (b, start, end) in enumerate(sequence_bounds(B, T, cu_seqlens)):
+        S = start_state(initial_state, n, (H, K, v.shape[-1]), dtype, v.device)
         for t in range(start, end):
             k_t, v_t = k[b, t].to(dtype), v[b, t].to(dtype)  # [H, K], [H, V]
             beta_t = beta[b, t].to(dtype)[:, None, None]  # [H, 1, 1]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from lmstack_kernels.common.checks import DTYPES, check_qkv, check_sequences, use_triton
+from lmstack_kernels.common.checks import check_float_tensor, check_qkv, check_sequences, use_triton
 from lmstack_kernels.common.compiler import disable_compile
 from lmstack_kernels.gla.chunk import chunk_gla
 
@@ -21,14 +21,7 @@ MIN_HEAD_DIM, MAX_HEAD_DIM = 1, 256
 
 def _validate(q, k, v, g, initial_state, cu_seqlens, backend) -> None:
     check_qkv("gla_attn", q, k, v, MIN_HEAD_DIM, MAX_HEAD_DIM)
-    if not isinstance(g, torch.Tensor) or g.shape != q.shape or g.dtype not in DTYPES:
-        raise ValueError(
-            f"gla_attn: g must be a float tensor [B, T, H, K] = {list(q.shape)} (log forget gates), got "
-            f"{tuple(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__}"
-            f"{'' if not isinstance(g, torch.Tensor) else ' ' + str(g.dtype)}"
-        )
-    if g.device != q.device:
-        raise ValueError(f"gla_attn: g is on {g.device}, q on {q.device}")
+    check_float_tensor("gla_attn", "g", g, q.shape, "[B, T, H, K]", q.device)
     # Value checks only for CPU tensors (no host sync on CUDA; see lmstack_kernels.common.checks).
     if not q.is_cuda and g.numel() and not bool((g <= 0).all()):
         raise ValueError("gla_attn: g holds log forget gates and must be ≤ 0 (no NaN), got a positive value")
@@ -125,8 +118,7 @@ def gla_slice_state(
         one pass of K×V outer products, no output.
     """
     check_qkv("gla_slice_state", k, k, v, MIN_HEAD_DIM, MAX_HEAD_DIM)
-    if not isinstance(g, torch.Tensor) or g.shape != k.shape:
-        raise ValueError(f"gla_slice_state: g must be [B, T, H, K] = {list(k.shape)}, got {tuple(g.shape)}")
+    check_float_tensor("gla_slice_state", "g", g, k.shape, "[B, T, H, K]", k.device)
     T = k.shape[1]
     # Suffix sums Σ_{r>s} g_r as sums (never differences of prefix sums: a small one next to a large
     # prefix stays exact), each ≤ 0.

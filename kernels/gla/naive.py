@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from lmstack_kernels.common.naive import sequence_bounds, start_state
+
 
 def naive_gla(
     q: torch.Tensor,
@@ -27,18 +29,10 @@ def naive_gla(
     q's dtype and the final state in fp32 (None unless `output_final_state`)."""
     B, T, H, K = q.shape
     scale = K**-0.5 if scale is None else scale
-    if cu_seqlens is None:
-        bounds = [(b, 0, T) for b in range(B)]
-    else:
-        cu = cu_seqlens.tolist()
-        bounds = [(0, cu[n], cu[n + 1]) for n in range(len(cu) - 1)]
     rows: list[list[torch.Tensor]] = [[] for _ in range(B)]
     finals = []
-    for n, (b, start, end) in enumerate(bounds):
-        if initial_state is not None:
-            S = initial_state[n].to(dtype)
-        else:
-            S = torch.zeros(H, K, v.shape[-1], dtype=dtype, device=v.device)
+    for n, (b, start, end) in enumerate(sequence_bounds(B, T, cu_seqlens)):
+        S = start_state(initial_state, n, (H, K, v.shape[-1]), dtype, v.device)
         for t in range(start, end):
             a = g[b, t].to(dtype).exp()[:, :, None]  # [H, K, 1]
             S = a * S + k[b, t].to(dtype)[:, :, None] * v[b, t].to(dtype)[:, None, :]

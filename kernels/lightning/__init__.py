@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from lmstack_kernels.common.checks import check_qkv, check_sequences, use_triton
+from lmstack_kernels.common.checks import check_chunk_size, check_qkv, check_sequences, use_triton
 from lmstack_kernels.common.compiler import disable_compile
 from lmstack_kernels.lightning.chunk import chunk_lightning_attn
 
@@ -31,8 +31,7 @@ def _validate(q, k, v, decay, initial_state, cu_seqlens, backend, chunk_size) ->
     if not q.is_cuda and (bool((decay > 0).any()) or not bool(torch.isfinite(decay).all())):
         raise ValueError("lightning_attn: decay is log λ and must be finite and ≤ 0 (0 < λ ≤ 1)")
     check_sequences("lightning_attn", q, v, initial_state, cu_seqlens, backend)
-    if chunk_size is not None and (chunk_size < 16 or chunk_size > 128 or chunk_size & (chunk_size - 1)):
-        raise ValueError(f"lightning_attn: chunk_size must be a power of two in 16..128, got {chunk_size}")
+    check_chunk_size("lightning_attn", chunk_size)
 
 
 @disable_compile  # the Triton launch graph-breaks under torch.compile

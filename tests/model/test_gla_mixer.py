@@ -5,6 +5,7 @@ and without the short convolution)."""
 
 from __future__ import annotations
 
+import mixer_checks as checks
 import pytest
 import torch
 from helpers import assert_lm_learns, assert_rel_rmse
@@ -13,15 +14,11 @@ from lmstack.errors import ConfigError
 from lmstack.model.config import ModelConfig
 from lmstack.model.lm import LM
 from lmstack.model.mixers import get_mixer
-from lmstack.model.mixers.base import BatchContext
 from lmstack.model.mixers.gla import GLAState
 
 
 def _config(**kw) -> ModelConfig:
-    base = dict(vocab_size=40, d_model=64, n_layers=2, n_heads=2, mixer="gla", max_seq_len=128)
-    cfg = ModelConfig(**(base | kw))
-    cfg.validate()
-    return cfg
+    return checks.mixer_config("gla", **kw)
 
 
 def _mixer(**options):
@@ -32,13 +29,6 @@ def _mixer(**options):
         mixer.norm_weight.normal_(1.0, 0.1)
         mixer.gate_up.bias.normal_(0.0, 1.0)
     return mixer.eval()
-
-
-def _ctx(x: torch.Tensor, doc_ids: torch.Tensor | None = None, offset: int = 0) -> BatchContext:
-    """Context of x: [B, T, D]: one document per row (continuing after `offset` tokens), or packed."""
-    if doc_ids is None:
-        return BatchContext.for_rows(x.shape[0], x.shape[1], offset=offset)
-    return BatchContext.from_doc_ids(doc_ids, offsets=[offset] * x.shape[0])
 
 
 OPTIONS = [
@@ -54,83 +44,39 @@ def test_cached_decoding_equals_full_forward(options: dict) -> None:
     """Prefill 10 tokens, decode 20 one at a time, then a chunk of 7 with the state handed over."""
     mixer = _mixer(**options)
     x = torch.randn(2, 37, 64)
-    full, none, _ = mixer(x, _ctx(x))
+    full, none, _ = mixer(x, checks.context(x))
     assert none is None
-    y, state, _ = mixer(x[:, :10], _ctx(x[:, :10]), use_cache=True)
-    outs = [y]
-    for t in range(10, 30):
-        y, state, _ = mixer(x[:, t : t + 1], _ctx(x[:, :1], offset=t), state=state, use_cache=True)
-        outs.append(y)
-    y, state, _ = mixer(x[:, 30:], _ctx(x[:, 30:], offset=30), state=state, use_cache=True)
-    outs.append(y)
+    decoded, state = checks.decode_in_pieces(mixer, x, 10, 30)
     K = 32 * options.get("expand_k", 0.5)
     assert isinstance(state, GLAState) and state.kv.shape == (2, 2, K, 32)
     assert state.kv.dtype == torch.float32
     assert (state.conv is not None) == options.get("use_short_conv", False)
-    assert_rel_rmse(torch.cat(outs, 1), full, 1e-5, "cached vs full")
+    assert_rel_rmse(decoded, full, 1e-5, "cached vs full")
 
 
-@torch.no_grad()
 def test_lm_generation_cache_equals_full_forward() -> None:
     torch.manual_seed(0)
-    model = LM(_config(mixer_options={"gla": {"use_short_conv": True}})).eval()
-    ids = torch.randint(0, 40, (2, 30))
-    full = model(ids).logits
-    logits, cache, _ = model(ids[:, :5], use_cache=True)
-    outs = [logits]
-    for t in range(5, 30):
-        logits, cache, _ = model(ids[:, t : t + 1], cache=cache, use_cache=True)
-        outs.append(logits)
-    assert cache.seen_tokens == 30
-    assert_rel_rmse(torch.cat(outs, 1), full, 1e-5, "generation cache")
+    checks.assert_generation_cache_equals_full_forward(
+        LM(_config(mixer_options={"gla": {"use_short_conv": True}})).eval()
+    )
 
 
 @pytest.mark.parametrize("options", OPTIONS[:2])
 @torch.no_grad()
 def test_packed_documents_are_isolated(options: dict) -> None:
-    mixer = _mixer(**options)
-    x = torch.randn(2, 48, 64)
-    doc_ids = torch.tensor([[0] * 11 + [1] * 30 + [2] * 7, [5] * 48])
-    y, state, _ = mixer(x, _ctx(x, doc_ids), use_cache=True)
-    for row, s, e in [(0, 0, 11), (0, 11, 41), (0, 41, 48), (1, 0, 48)]:
-        xi = x[row : row + 1, s:e]
-        alone, alone_state, _ = mixer(xi, _ctx(xi), use_cache=True)
-        assert_rel_rmse(y[row : row + 1, s:e], alone, 1e-5, f"row {row} doc {s}:{e}")
-        if e == 48:  # the returned state is that of each row's last document
-            assert_rel_rmse(state.kv[row : row + 1], alone_state.kv, 1e-5, f"row {row} state")
+    checks.assert_packed_documents_are_isolated(_mixer(**options), {"kv": 1e-5})
 
 
 @torch.no_grad()
 def test_state_continues_only_into_first_document() -> None:
-    """With a state, each row's first document continues it and later documents start afresh."""
-    mixer = _mixer(use_short_conv=True)
-    x = torch.randn(2, 30, 64)
-    prefix = torch.randn(2, 12, 64)
-    _, state, _ = mixer(prefix, _ctx(prefix), use_cache=True)
-    doc_ids = torch.tensor([[0] * 20 + [1] * 10, [0] * 30])
-    y, new_state, _ = mixer(x, _ctx(x, doc_ids, offset=12), state=state, use_cache=True)
-    cont, _, _ = mixer(x[:, :20], _ctx(x[:, :20], offset=12), state=state, use_cache=True)
-    assert_rel_rmse(y[:, :20], cont, 1e-5, "first document continues the state")
-    fresh, fresh_state, _ = mixer(x[:1, 20:], _ctx(x[:1, 20:]), use_cache=True)
-    assert_rel_rmse(y[:1, 20:], fresh, 1e-5, "second document starts from zero")
-    assert_rel_rmse(new_state.kv[:1], fresh_state.kv, 1e-5, "row 0 state")
+    checks.assert_state_continues_only_into_first_document(_mixer(use_short_conv=True), {"kv": 1e-5})
 
 
 def test_triton_backend_matches_torch_backend() -> None:
-    """The mixer through the Triton kernels (interpreter on CPU) and through the chunked path,
-    forward and backward (the gates' projections included), with packed documents."""
-    torch.manual_seed(1)
-    x = torch.randn(2, 40, 64)
-    ctx = _ctx(x, torch.tensor([[0] * 25 + [1] * 15, [0] * 40]))
-    results = []
-    for backend in ("triton", "torch"):
-        mixer = _mixer(backend=backend)
-        xi = x.clone().requires_grad_()
-        y = mixer(xi, ctx).y
-        y.pow(2).sum().backward()
-        results.append((y.detach(), xi.grad, mixer.k_proj.weight.grad, mixer.gate_up.weight.grad))
-    for name, a, b in zip(("y", "dx", "dWk", "dW_gate_up"), *results):
-        assert_rel_rmse(a, b, 1e-5, name)
+    """Forward and backward, the gates' projections included."""
+    checks.assert_triton_matches_torch(
+        lambda backend: _mixer(backend=backend), ("k_proj.weight", "gate_up.weight")
+    )
 
 
 @pytest.mark.parametrize(

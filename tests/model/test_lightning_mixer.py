@@ -7,24 +7,21 @@ import json
 import subprocess
 import sys
 
+import mixer_checks as checks
 import pytest
 import torch
-from helpers import assert_lm_learns, assert_rel_rmse
+from helpers import assert_lm_learns
 
 from lmstack.errors import ConfigError
 from lmstack.export.exporter import export_model
 from lmstack.model.config import ModelConfig
 from lmstack.model.lm import LM
 from lmstack.model.mixers import get_mixer
-from lmstack.model.mixers.base import BatchContext
 from lmstack.model.mixers.lightning import LightningState, alibi_slopes, decay_slopes
 
 
 def _config(**kw) -> ModelConfig:
-    base = dict(vocab_size=40, d_model=64, n_layers=2, n_heads=2, mixer="lightning", max_seq_len=128)
-    cfg = ModelConfig(**(base | kw))
-    cfg.validate()
-    return cfg
+    return checks.mixer_config("lightning", **kw)
 
 
 def _mixer(layer_idx: int = 0, **options):
@@ -35,13 +32,6 @@ def _mixer(layer_idx: int = 0, **options):
     return mixer.eval()
 
 
-def _ctx(x: torch.Tensor, doc_ids: torch.Tensor | None = None, offset: int = 0) -> BatchContext:
-    """Context of x: [B, T, D]: one document per row (continuing after `offset` tokens), or packed."""
-    if doc_ids is None:
-        return BatchContext.for_rows(x.shape[0], x.shape[1], offset=offset)
-    return BatchContext.from_doc_ids(doc_ids, offsets=[offset] * x.shape[0])
-
-
 OPTIONS = [{}, {"norm": "srms", "gate": "identity", "qk_activation": "identity"}, {"gate": "silu"}]
 
 
@@ -50,84 +40,32 @@ OPTIONS = [{}, {"norm": "srms", "gate": "identity", "qk_activation": "identity"}
 def test_cached_decoding_equals_full_forward(options: dict) -> None:
     mixer = _mixer(1, **options)
     x = torch.randn(2, 37, 64)
-    full, none, _ = mixer(x, _ctx(x))
+    full, none, _ = mixer(x, checks.context(x))
     assert none is None
-    y, state, _ = mixer(
-        x[:, :10], _ctx(x[:, :10]), use_cache=True
-    )  # prefill a chunk, then one token at a time
-    outs = [y]
-    for t in range(10, 37):
-        y, state, _ = mixer(x[:, t : t + 1], _ctx(x[:, :1], offset=t), state=state, use_cache=True)
-        outs.append(y)
+    decoded, state = checks.decode_in_pieces(mixer, x, 10, 37)  # prefill a chunk, then one token at a time
     assert isinstance(state, LightningState) and state.kv.shape == (2, 2, 32, 32)
     assert state.kv.dtype == torch.float32
-    assert (torch.cat(outs, 1) - full).abs().max().item() < 1e-4
+    assert (decoded - full).abs().max().item() < 1e-4
 
 
-@torch.no_grad()
 def test_lm_generation_cache_equals_full_forward() -> None:
-    model = LM(_config()).eval()
-    ids = torch.randint(0, 40, (2, 30))
-    full = model(ids).logits
-    logits, cache, _ = model(ids[:, :5], use_cache=True)
-    outs = [logits]
-    for t in range(5, 30):
-        logits, cache, _ = model(ids[:, t : t + 1], cache=cache, use_cache=True)
-        outs.append(logits)
-    assert cache.seen_tokens == 30
-    assert (torch.cat(outs, 1) - full).abs().max().item() < 1e-4
+    checks.assert_generation_cache_equals_full_forward(LM(_config()).eval())
 
 
 @torch.no_grad()
 def test_packed_documents_are_isolated() -> None:
-    mixer = _mixer()
-    x = torch.randn(2, 48, 64)
-    doc_ids = torch.tensor([[0] * 11 + [1] * 30 + [2] * 7, [5] * 48])
-    y, state, _ = mixer(x, _ctx(x, doc_ids), use_cache=True)
-    for row, s, e in [(0, 0, 11), (0, 11, 41), (0, 41, 48), (1, 0, 48)]:
-        xi = x[row : row + 1, s:e]
-        alone, alone_state, _ = mixer(xi, _ctx(xi), use_cache=True)
-        assert_rel_rmse(y[row : row + 1, s:e], alone, 1e-5, f"row {row} doc {s}:{e}")
-        if e == 48:  # the returned state is that of each row's last document
-            assert_rel_rmse(state.kv[row : row + 1], alone_state.kv, 1e-5, f"row {row} state")
+    checks.assert_packed_documents_are_isolated(_mixer(), {"kv": 1e-5})
 
 
 @torch.no_grad()
 def test_state_continues_only_into_first_document() -> None:
-    """With a state, each row's first document continues it and later documents start afresh."""
-    mixer = _mixer()
-    x = torch.randn(2, 30, 64)
-    prefix = torch.randn(2, 12, 64)
-    _, state, _ = mixer(prefix, _ctx(prefix), use_cache=True)
-    doc_ids = torch.tensor([[0] * 20 + [1] * 10, [0] * 30])
-    y, new_state, _ = mixer(x, _ctx(x, doc_ids, offset=12), state=state, use_cache=True)
-    cont, cont_state, _ = mixer(x[:, :20], _ctx(x[:, :20], offset=12), state=state, use_cache=True)
-    assert_rel_rmse(y[:, :20], cont, 1e-5, "first document continues the state")
-    fresh, fresh_state, _ = mixer(x[:1, 20:], _ctx(x[:1, 20:]), use_cache=True)
-    assert_rel_rmse(y[:1, 20:], fresh, 1e-5, "second document starts from zero")
-    assert_rel_rmse(new_state.kv[:1], fresh_state.kv, 1e-5, "row 0 state")
-    whole, whole_state, _ = mixer(
-        x[1:], _ctx(x[1:], offset=12), state=LightningState(state.kv[1:]), use_cache=True
-    )
-    assert_rel_rmse(new_state.kv[1:], whole_state.kv, 1e-5, "row 1 state")
+    checks.assert_state_continues_only_into_first_document(_mixer(), {"kv": 1e-5})
 
 
 def test_triton_backend_matches_torch_backend() -> None:
-    """The mixer through the Triton kernels (interpreter on CPU) and through the chunked path,
-    forward and backward, with packed documents."""
-    torch.manual_seed(1)
-    x = torch.randn(2, 40, 64)
-    ctx = _ctx(x, torch.tensor([[0] * 25 + [1] * 15, [0] * 40]))
-    results = []
-    for backend in ("triton", "torch"):
-        torch.manual_seed(0)
-        mixer = _mixer(backend=backend)
-        xi = x.clone().requires_grad_()
-        y = mixer(xi, ctx).y
-        y.pow(2).sum().backward()
-        results.append((y.detach(), xi.grad, mixer.q_proj.weight.grad, mixer.k_proj.weight.grad))
-    for name, a, b in zip(("y", "dx", "dWq", "dWk"), *results):
-        assert_rel_rmse(a, b, 1e-5, name)
+    checks.assert_triton_matches_torch(
+        lambda backend: _mixer(backend=backend), ("q_proj.weight", "k_proj.weight")
+    )
 
 
 def test_decay_slopes() -> None:

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import generate_in_pieces
 
 from lmstack.model import LM, BatchContext, ModelConfig
 
@@ -75,16 +76,9 @@ def test_cached_decoding_matches_full_forward() -> None:
     model = tiny()
     ids = torch.randint(0, 97, (2, 40))
     full = model(ids).logits
-    # Prefill a chunk, then one token at a time, then a chunk again.
-    out, cache, _ = model(ids[:, :17], use_cache=True)
-    pieces = [out]
-    for t in range(17, 30):
-        out, cache, _ = model(ids[:, t : t + 1], cache=cache, use_cache=True)
-        pieces.append(out)
-    out, cache, _ = model(ids[:, 30:], cache=cache, use_cache=True)
-    pieces.append(out)
+    logits, cache = generate_in_pieces(model, ids, 17, 30)  # a chunk, single tokens, a chunk
     assert cache.seen_tokens == 40
-    assert (torch.cat(pieces, dim=1) - full).abs().max() < 1e-4
+    assert (logits - full).abs().max() < 1e-4
 
 
 def test_flops_count_attention_by_hand() -> None:
