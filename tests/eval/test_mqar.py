@@ -207,6 +207,8 @@ def test_presets_build_a_probe_for_every_default_mixer():
             for d in cfg.d_models:
                 mqar.probe_model_config(mixer, d, cfg.data, heads, options)
     assert mqar.sweep_config("cpu").mixer_options == {"swa": {"window": 16}}
+    # The probe's init scale (see probe_model_config): N(0, 1/d_model), not the LM's 0.02.
+    assert mqar.probe_model_config("attention", 16, mqar.sweep_config("cpu").data).init_std == 0.25
 
 
 def test_terminated_sweep_leaves_no_workers(tmp_path):

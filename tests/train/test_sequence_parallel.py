@@ -58,7 +58,6 @@ def test_sequence_parallel_training_matches_one_process(tiny_data, tmp_path):
         assert abs(val_sp["val_loss"] - val_one["val_loss"]) / val_one["val_loss"] < REL_TOL, name
 
 
-@pytest.mark.slow
 def test_two_replicas_of_two_slices_under_zero2_match_one_process(tiny_data, tmp_path):
     """4 ranks as 2 data-parallel replicas x 2 sequence slices, ZeRO-2, activation checkpointing
     (the gathers re-run in the backward): per-step losses equal one process's."""

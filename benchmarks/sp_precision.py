@@ -1,0 +1,125 @@
+"""How far sequence parallelism's fp32 gradients are from exact, next to one process's: train `--steps`
+steps of CONFIG in one process, then on the next batch compute the loss gradient three ways: one
+process in fp32, one process in fp64 (the reference), and 2 sequence-parallel ranks in fp32 (gloo).
+Prints the relative RMSE of the logits and of all gradients (flattened) of each fp32 run against fp64.
+
+    python benchmarks/sp_precision.py --mixer lightning --steps 6      # configs/tiny.yaml
+
+Used to tell a state-passing error (the parallel run far from fp64, the single one close) from fp32
+rounding that training amplifies (both equally far). Needs the config's prepared data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def rel_rmse(a, b) -> float:
+    a, b = a.double(), b.double()
+    return float(((a - b).pow(2).mean() / b.pow(2).mean().clamp_min(1e-300)).sqrt())
+
+
+def loss_and_grads(model, ids, labels, context, total_tokens: int):
+    """(logits, flattened gradients) of the summed token cross-entropy over `total_tokens`."""
+    import torch
+    import torch.nn.functional as F
+
+    model.zero_grad()
+    logits = model(ids, context).logits
+    loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+    (loss / total_tokens).backward()
+    return logits.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+def worker(export: str, data: str, seq_len: int, batch_size: int, seed: int, step: int) -> None:
+    """torchrun entry: rank r holds columns [rT/2, (r+1)T/2) of the batch after `step` batches."""
+    import torch
+    import torch.distributed as dist
+
+    import lmstack_kernels.common.checks as checks
+    from lmstack.data.reader import TrainReader
+    from lmstack.eval.ppl import load_lm
+    from lmstack.model import BatchContext
+    from lmstack.parallel import build_layout
+
+    checks.DTYPES = (*checks.DTYPES, torch.float64)  # the ops' chunked paths compute in fp64 too
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    sp = build_layout(rank, world, world).sequence
+    reader = TrainReader(data, seq_len, batch_size, seed=seed)
+    for _ in range(step):
+        reader.next_batch()
+    batch = reader.next_batch()
+    model = load_lm(export)[0].float().train()
+    total = int((batch.labels != -100).sum())
+    n = seq_len // world
+    cols = slice(rank * n, (rank + 1) * n)
+    context = BatchContext.for_slice(batch.doc_ids, cols.start, cols.stop)
+    context.sequence_parallel = sp
+    logits, grads = loss_and_grads(model, batch.input_ids[:, cols], batch.labels[:, cols], context, total)
+    dist.all_reduce(grads, group=sp.group)
+    pieces = [torch.empty_like(logits) for _ in range(world)]
+    dist.all_gather(pieces, logits, group=sp.group)
+    if rank == 0:
+        full = BatchContext.from_doc_ids(batch.doc_ids)
+        one = loss_and_grads(model, batch.input_ids, batch.labels, full, total)
+        exact = loss_and_grads(copy.deepcopy(model).double(), batch.input_ids, batch.labels, full, total)
+        for name, (lg, gr) in (
+            ("one process fp32", one),
+            ("sequence parallel fp32", (torch.cat(pieces, 1), grads)),
+        ):
+            print(
+                f"{name:>24} vs fp64: logits {rel_rmse(lg, exact[0]):.1e}, gradients {rel_rmse(gr, exact[1]):.1e}"
+            )
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="configs/tiny.yaml")
+    p.add_argument("--mixer", default="lightning")
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        export, data, *numbers = args.worker
+        worker(export, data, *map(int, numbers))
+        return
+    from lmstack.config import load_config
+
+    cfg = load_config(args.config, [f"model.mixer={args.mixer}"])
+    with tempfile.TemporaryDirectory() as tmp:
+        run, export = Path(tmp) / "run", Path(tmp) / "hf"
+        overrides = [f"model.mixer={args.mixer}", f"train.run_dir={run}", f"train.max_steps={args.steps}"]
+        overrides += [f"train.save_every={args.steps}", "train.eval_every=1000000"]
+        for cmd in (
+            [sys.executable, "-m", "lmstack.cli", "train", args.config, *overrides],
+            [sys.executable, "-m", "lmstack.cli", "export", str(run), str(export)],
+        ):
+            subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
+        # Each rank reads the whole global batch of one process and keeps its columns.
+        batch = cfg.train.global_batch_size
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--standalone",
+            __file__,
+        ]
+        cmd += ["--worker", str(export), cfg.data.path]
+        cmd += [str(v) for v in (cfg.data.seq_len, batch, cfg.data.seed, args.steps)]
+        subprocess.run(cmd, cwd=REPO, check=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+if __name__ == "__main__":
+    main()
