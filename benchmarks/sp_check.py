@@ -5,6 +5,7 @@ per-step training losses (and of the validation loss), and the first step where 
 
     python benchmarks/sp_check.py                        # configs/tiny.yaml, 30 steps, every mixer
     python benchmarks/sp_check.py --steps 150 --mixers lightning,deltanet
+    python benchmarks/sp_check.py --control --mixers lightning,gla   # one process against itself
 
 Needs the config's prepared data (`lmstack prepare-data configs/tiny.yaml`). Writes
 benchmarks/results/sp_check_cpu.json and prints one line per mixer.
@@ -61,8 +62,19 @@ def main() -> None:
     p.add_argument("--config", default="configs/tiny.yaml")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--mixers", default=",".join(MIXERS))
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "sp_check_cpu.json"))
+    p.add_argument(
+        "--control",
+        action="store_true",
+        help="compare against one process with half the micro-batch instead (the same maths summed in "
+        "another order: how far fp32 rounding alone moves the losses)",
+    )
+    p.add_argument(
+        "--out", default=None, help="default: results/sp_check_cpu.json (--control: sp_control_cpu.json)"
+    )
     args = p.parse_args()
+    out = args.out or str(
+        REPO / "benchmarks" / "results" / ("sp_control_cpu.json" if args.control else "sp_check_cpu.json")
+    )
     import torch
 
     base = [
@@ -78,7 +90,13 @@ def main() -> None:
             overrides = [*base, f"model.mixer={mixer}", *MIXER_OVERRIDES.get(mixer, [])]
             one, sp = Path(tmp) / f"{mixer}-one", Path(tmp) / f"{mixer}-sp"
             train(args.config, one, overrides, 1)
-            train(args.config, sp, [*overrides, "parallel.sequence_parallel_size=2"], 2)
+            if args.control:
+                from lmstack.config import load_config
+
+                micro = load_config(args.config, overrides).train.micro_batch_size
+                train(args.config, sp, [*overrides, f"train.micro_batch_size={micro // 2}"], 1)
+            else:
+                train(args.config, sp, [*overrides, "parallel.sequence_parallel_size=2"], 2)
             (loss_one, val_one), (loss_sp, val_sp) = read_losses(one), read_losses(sp)
             if sorted(loss_one) != sorted(loss_sp) or len(loss_one) == 0:
                 sys.exit(f"sp_check: {mixer}: logged steps differ: {sorted(loss_one)} vs {sorted(loss_sp)}")
@@ -108,13 +126,16 @@ def main() -> None:
     result = {
         "command": "python benchmarks/sp_check.py " + " ".join(sys.argv[1:]),
         "config": args.config,
+        "second_run": "one process, half the micro-batch"
+        if args.control
+        else "2 ranks, sequence_parallel_size=2",
         "steps": args.steps,
         "rows": rows,
         "torch": torch.__version__,
         "device": f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores), gloo",
     }
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    Path(out).write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

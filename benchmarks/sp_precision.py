@@ -1,7 +1,8 @@
 """How far sequence parallelism's fp32 gradients are from exact, next to one process's: train `--steps`
 steps of CONFIG in one process, then on the next batch compute the loss gradient three ways: one
 process in fp32, one process in fp64 (the reference), and 2 sequence-parallel ranks in fp32 (gloo).
-Prints the relative RMSE of the logits and of all gradients (flattened) of each fp32 run against fp64.
+Prints (and adds to benchmarks/results/sp_precision_cpu.json) the relative RMSE against fp64 of each
+fp32 run's logits, of all its gradients flattened, and of its worst parameter's gradient.
 
     python benchmarks/sp_precision.py --mixer lightning --steps 6      # configs/tiny.yaml
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -20,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+OUT = REPO / "benchmarks" / "results" / "sp_precision_cpu.json"
 
 
 def rel_rmse(a, b) -> float:
@@ -39,7 +42,7 @@ def loss_and_grads(model, ids, labels, context, total_tokens: int):
     return logits.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])
 
 
-def worker(export: str, data: str, seq_len: int, batch_size: int, seed: int, step: int) -> None:
+def worker(mixer: str, export: str, data: str, seq_len: int, batch_size: int, seed: int, step: int) -> None:
     """torchrun entry: rank r holds columns [rT/2, (r+1)T/2) of the batch after `step` batches."""
     import torch
     import torch.distributed as dist
@@ -72,13 +75,29 @@ def worker(export: str, data: str, seq_len: int, batch_size: int, seed: int, ste
         full = BatchContext.from_doc_ids(batch.doc_ids)
         one = loss_and_grads(model, batch.input_ids, batch.labels, full, total)
         exact = loss_and_grads(copy.deepcopy(model).double(), batch.input_ids, batch.labels, full, total)
-        for name, (lg, gr) in (
-            ("one process fp32", one),
-            ("sequence parallel fp32", (torch.cat(pieces, 1), grads)),
-        ):
+        names = [name for name, _ in model.named_parameters()]
+        sizes = [p.numel() for p in model.parameters()]
+        report = {"mixer": mixer, "after_steps": step}
+        for label, (lg, gr) in (("one_process", one), ("sequence_parallel", (torch.cat(pieces, 1), grads))):
+            per_param = {n: rel_rmse(a, b) for n, a, b in zip(names, gr.split(sizes), exact[1].split(sizes))}
+            worst = max(per_param, key=per_param.get)
+            report[label] = {
+                "logits": rel_rmse(lg, exact[0]),
+                "gradients": rel_rmse(gr, exact[1]),
+                "worst_parameter": worst,
+                "worst_parameter_error": per_param[worst],
+            }
             print(
-                f"{name:>24} vs fp64: logits {rel_rmse(lg, exact[0]):.1e}, gradients {rel_rmse(gr, exact[1]):.1e}"
+                f"{label:>17} fp32 vs fp64: logits {report[label]['logits']:.1e}, all gradients "
+                f"{report[label]['gradients']:.1e}, worst parameter {worst} {per_param[worst]:.1e}"
             )
+        results = (
+            json.loads(OUT.read_text()) if OUT.is_file() else {"note": __doc__.splitlines()[0], "runs": []}
+        )
+        runs = [r for r in results["runs"] if (r["mixer"], r["after_steps"]) != (mixer, step)]
+        results["runs"] = sorted([*runs, report], key=lambda r: (r["mixer"], r["after_steps"]))
+        results["torch"] = torch.__version__
+        OUT.write_text(json.dumps(results, indent=1) + "\n")
     dist.destroy_process_group()
 
 
@@ -87,11 +106,11 @@ def main() -> None:
     p.add_argument("--config", default="configs/tiny.yaml")
     p.add_argument("--mixer", default="lightning")
     p.add_argument("--steps", type=int, default=6)
-    p.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
+    p.add_argument("--worker", nargs=7, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        export, data, *numbers = args.worker
-        worker(export, data, *map(int, numbers))
+        mixer, export, data, *numbers = args.worker
+        worker(mixer, export, data, *map(int, numbers))
         return
     from lmstack.config import load_config
 
@@ -116,7 +135,7 @@ def main() -> None:
             "--standalone",
             __file__,
         ]
-        cmd += ["--worker", str(export), cfg.data.path]
+        cmd += ["--worker", args.mixer, str(export), cfg.data.path]
         cmd += [str(v) for v in (cfg.data.seq_len, batch, cfg.data.seed, args.steps)]
         subprocess.run(cmd, cwd=REPO, check=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
 

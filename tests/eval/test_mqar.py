@@ -207,12 +207,16 @@ def test_presets_build_a_probe_for_every_default_mixer():
             for d in cfg.d_models:
                 mqar.probe_model_config(mixer, d, cfg.data, heads, options)
     assert mqar.sweep_config("cpu").mixer_options == {"swa": {"window": 16}}
+    # --mixer-options for one mixer keeps the preset's options of the others.
+    merged = mqar.sweep_config("cpu", mixer_options={"lightning": {"gate": "silu"}}).mixer_options
+    assert merged == {"swa": {"window": 16}, "lightning": {"gate": "silu"}}
     # The probe's init scale (see probe_model_config): N(0, 1/d_model), not the LM's 0.02.
     assert mqar.probe_model_config("attention", 16, mqar.sweep_config("cpu").data).init_std == 0.25
 
 
 def test_terminated_sweep_leaves_no_workers(tmp_path):
     """SIGTERM to a sweep with worker processes stops the workers too (none keeps training)."""
+    import contextlib
     import os
     import signal
     import subprocess
@@ -222,19 +226,22 @@ def test_terminated_sweep_leaves_no_workers(tmp_path):
     cmd = [sys.executable, "-m", "lmstack.cli", "eval", "mqar", "--preset", "cpu", "--mixers", "attention"]
     cmd += ["--jobs", "2", "--out", str(tmp_path / "mqar")]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    assert "group(s) to train" in proc.stderr.readline()
-    time.sleep(3)  # the workers have started training
-    os.kill(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=30)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(proc.pid, 0)  # anything left in the sweep's process group?
-        except ProcessLookupError:
-            return
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    raise AssertionError("worker processes outlived the terminated sweep")
+    try:
+        assert "group(s) to train" in proc.stderr.readline()
+        time.sleep(3)  # the workers have started training
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(proc.pid, 0)  # anything left in the sweep's process group?
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
+        raise AssertionError("worker processes outlived the terminated sweep")
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # the group is normally gone by now
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def test_cli_mqar(tmp_path, capsys):

@@ -1,7 +1,8 @@
 """Sequence-parallel training (2 ranks, one sequence group, torchrun + gloo) against one process on
 the same global batches: every step's loss within a relative 1e-5, for attention, sliding-window
 attention and MoH (LASP-2H), lightning (LASP-2, under ZeRO-2), GLA with short convolutions (ZeRO-1),
-DeltaNet (ZeRO-3) and a hybrid with a short convolution. The per-layer bytes are logged. Plus the one-line config errors."""
+DeltaNet (ZeRO-3) and a hybrid with a short convolution; 2 x 2 ranks under ZeRO-2; a resume. The
+per-layer bytes are logged. Plus the one-line config errors."""
 
 from __future__ import annotations
 
