@@ -1,8 +1,9 @@
 """`gla_attn`: gated linear attention (GLA) with a data-dependent, per-key-channel forget gate.
 
 Public API: `gla_attn` and `gla_slice_state` (a slice's affine map, for sequence parallelism).
-Files: `naive.py` (the ground-truth recurrence), `chunk.py` (chunked PyTorch path), `triton_kernels.py` (Triton forward/backward and their autograd Function), `MATH.md`
-(convention, the stable chunked form, the gradient of the gates), `compile_check.py` (compiles the
+Files: `naive.py` (the ground-truth recurrence), `chunk.py` (chunked PyTorch path),
+`triton_kernels.py` (Triton forward/backward and their autograd Function), `MATH.md` (convention, the
+stable chunked form, the gradient of the gates, sequence slices), `compile_check.py` (compiles the
 kernels for a GPU target without a GPU).
 """
 
