@@ -22,6 +22,13 @@ def pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
+def trailing_tokens(T: int, lengths: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """[B, T] bool: token s of row b is among the row's last `lengths[b]` tokens (a slice's last
+    document, which its summary for sequence parallelism covers)."""
+    back = torch.arange(T - 1, -1, -1, device=device)  # T-1-s
+    return back[None, :] < lengths.to(device)[:, None]
+
+
 def to_chunks(x: torch.Tensor, n_chunks: int, C: int) -> torch.Tensor:
     """[B, T, H, D] -> [B, H, n_chunks, C, D] in fp32, zero-padded at the end to n_chunks * C tokens."""
     B, T, H, D = x.shape

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from lmstack_kernels.common.checks import check_float_tensor, check_qkv, check_sequences, use_triton
+from lmstack_kernels.common.chunked import trailing_tokens
 from lmstack_kernels.common.compiler import disable_compile
 from lmstack_kernels.gla.chunk import chunk_gla
 
@@ -127,7 +128,6 @@ def gla_slice_state(
     transition = after[:, 0].exp()
     weight = torch.cat([after[:, 1:], after.new_zeros(after[:, :1].shape)], dim=1).exp()
     if lengths is not None:
-        back = torch.arange(T - 1, -1, -1, device=k.device)  # T-1-s
-        weight = weight * (back[None, :] < lengths.to(k.device)[:, None])[..., None, None]
+        weight = weight * trailing_tokens(T, lengths, k.device)[..., None, None]
     state = torch.einsum("bthk,bthv->bhkv", k.float() * weight, v.float())
     return transition, state

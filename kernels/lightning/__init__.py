@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from lmstack_kernels.common.checks import check_chunk_size, check_qkv, check_sequences, use_triton
+from lmstack_kernels.common.chunked import trailing_tokens
 from lmstack_kernels.common.compiler import disable_compile
 from lmstack_kernels.lightning.chunk import chunk_lightning_attn
 
@@ -127,6 +128,6 @@ def lightning_slice_state(
     back = torch.arange(T - 1, -1, -1, device=k.device, dtype=torch.float32)  # T-1-s
     weight = torch.exp(back[:, None] * g).expand(B, T, H)  # λ^{T-1-s}
     if lengths is not None:
-        weight = weight * (back[None, :] < lengths.to(k.device)[:, None]).float()[..., None]
+        weight = weight * trailing_tokens(T, lengths, k.device).float()[..., None]
     state = torch.einsum("bthk,bthv->bhkv", k.float() * weight[..., None], v.float())
     return torch.exp(g * T), state

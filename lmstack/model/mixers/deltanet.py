@@ -36,6 +36,7 @@ from lmstack.model.config import ModelConfig
 from lmstack.model.mixers import register
 from lmstack.model.mixers.base import BatchContext, MixerOutput, TokenMixer, continued_state, run_by_pieces
 from lmstack.model.short_conv import ConvState, ShortConvolution
+from lmstack_kernels.common.chunked import trailing_tokens
 from lmstack_kernels.deltanet import (
     MAX_HEAD_DIM,
     MIN_HEAD_DIM,
@@ -120,8 +121,7 @@ class DeltaNet(TokenMixer):
         if context.sequence_parallel is not None:
             # The map of each row's last document: β = 0 makes a token the identity, so zeroing β
             # before that document leaves exactly its map (one op call over dense rows).
-            back = torch.arange(T - 1, -1, -1, device=x.device)
-            in_last = back[None, :] < context.last_document_lengths()[:, None]  # [B, T]
+            in_last = trailing_tokens(T, context.last_document_lengths(), x.device)  # [B, T]
             transition, own = delta_rule_affine_map(k, v, beta * in_last[..., None])
             h0 = context.sequence_parallel.initial_state(transition, own, context)
         h0 = continued_state(h0, context)
