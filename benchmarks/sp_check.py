@@ -83,6 +83,13 @@ def main() -> None:
         "train.save_every=1000000",
         "train.log_every=1",
     ]
+    if args.control:  # the same sums in another order: half the micro-batch, twice the accumulation
+        from lmstack.config import load_config
+
+        half = load_config(args.config, base).train.micro_batch_size // 2
+        second, nproc = [f"train.micro_batch_size={half}"], 1
+    else:
+        second, nproc = ["parallel.sequence_parallel_size=2"], 2
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for mixer in args.mixers.split(","):
@@ -90,13 +97,7 @@ def main() -> None:
             overrides = [*base, f"model.mixer={mixer}", *MIXER_OVERRIDES.get(mixer, [])]
             one, sp = Path(tmp) / f"{mixer}-one", Path(tmp) / f"{mixer}-sp"
             train(args.config, one, overrides, 1)
-            if args.control:
-                from lmstack.config import load_config
-
-                micro = load_config(args.config, overrides).train.micro_batch_size
-                train(args.config, sp, [*overrides, f"train.micro_batch_size={micro // 2}"], 1)
-            else:
-                train(args.config, sp, [*overrides, "parallel.sequence_parallel_size=2"], 2)
+            train(args.config, sp, [*overrides, *second], nproc)
             (loss_one, val_one), (loss_sp, val_sp) = read_losses(one), read_losses(sp)
             if sorted(loss_one) != sorted(loss_sp) or len(loss_one) == 0:
                 sys.exit(f"sp_check: {mixer}: logged steps differ: {sorted(loss_one)} vs {sorted(loss_sp)}")

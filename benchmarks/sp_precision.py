@@ -21,13 +21,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from sp_check import REPO, train  # this folder is on the path (run as a script, also by torchrun)
+
+sys.path.insert(0, str(REPO / "tests"))
+from helpers import rel_rmse  # noqa: E402  (the test suite's tolerance measure, as benchmarks/gpu uses)
+
 OUT = REPO / "benchmarks" / "results" / "sp_precision_cpu.json"
-
-
-def rel_rmse(a, b) -> float:
-    a, b = a.double(), b.double()
-    return float(((a - b).pow(2).mean() / b.pow(2).mean().clamp_min(1e-300)).sqrt())
 
 
 def loss_and_grads(model, ids, labels, context, total_tokens: int):
@@ -117,13 +116,11 @@ def main() -> None:
     cfg = load_config(args.config, [f"model.mixer={args.mixer}"])
     with tempfile.TemporaryDirectory() as tmp:
         run, export = Path(tmp) / "run", Path(tmp) / "hf"
-        overrides = [f"model.mixer={args.mixer}", f"train.run_dir={run}", f"train.max_steps={args.steps}"]
+        overrides = [f"model.mixer={args.mixer}", f"train.max_steps={args.steps}"]
         overrides += [f"train.save_every={args.steps}", "train.eval_every=1000000"]
-        for cmd in (
-            [sys.executable, "-m", "lmstack.cli", "train", args.config, *overrides],
-            [sys.executable, "-m", "lmstack.cli", "export", str(run), str(export)],
-        ):
-            subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
+        train(args.config, run, overrides, 1)
+        cmd = [sys.executable, "-m", "lmstack.cli", "export", str(run), str(export)]
+        subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
         # Each rank reads the whole global batch of one process and keeps its columns.
         batch = cfg.train.global_batch_size
         cmd = [
