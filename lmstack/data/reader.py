@@ -40,8 +40,8 @@ import torch
 
 from lmstack.data.shards import DataIndex, check_shard, load_index
 from lmstack.errors import LMStackError
+from lmstack.model.loss import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 STATE_KIND = "lmstack.data.TrainReader"
 STATE_VERSION = 1
 

@@ -5,7 +5,7 @@ A sequence is `num_kv_pairs` key-value pairs `k1 v1 k2 v2 ...` (keys from the lo
 vocabulary, values from the upper half, all distinct within a sequence), then a region where every
 key is asked once: the query's position is drawn by a power law (`power_a`; small gaps likelier)
 and the model must predict the key's value as the next token. Loss and accuracy count only those
-positions (labels are -100 elsewhere); the unused positions hold random tokens.
+positions (labels are IGNORE_INDEX elsewhere); the unused positions hold random tokens.
 
 The model is Zoology's 2-layer probe: a short causal convolution (`shortconv`), then the mixer
 under test, each followed by the MLP of `lmstack.model.LM`. The sweep trains one model per mixer x
@@ -29,8 +29,7 @@ import torch.nn.functional as F
 
 from lmstack.errors import LMStackError
 from lmstack.eval import sigterm_exits
-
-IGNORE = -100
+from lmstack.model.loss import IGNORE_INDEX
 
 
 @dataclass
@@ -78,7 +77,7 @@ def multiquery_ar(
     """(inputs, labels): both [num_examples, seq_len] int64, as Zoology's `multiquery_ar`.
 
     Keys come from [1, V/2), values from [V/2, V). `labels[i, t]` is the value of the key at
-    `inputs[i, t]` where that position is a query, else -100 (-100 everywhere in the kv region).
+    `inputs[i, t]` where that position is a query, else IGNORE_INDEX (everywhere in the kv region too).
     """
     MQARConfig(vocab_size, seq_len, num_kv_pairs, power_a).validate()
     gen = torch.Generator().manual_seed(seed)
@@ -97,7 +96,7 @@ def multiquery_ar(
     queries = torch.zeros(n, seq_len - context + 1, dtype=torch.long)
     queries.scatter_(1, 2 * gaps, keys)
     examples = torch.cat([kvs, queries], dim=1)  # [n, seq_len + 1]
-    labels = torch.full((n, seq_len + 1), IGNORE, dtype=torch.long)
+    labels = torch.full((n, seq_len + 1), IGNORE_INDEX, dtype=torch.long)
     labels.scatter_(1, 2 * gaps + context + 1, values)
     inputs, labels = examples[:, :-1].clone(), labels[:, 1:].clone()
     if random_non_queries:
@@ -181,7 +180,7 @@ def accuracy(model, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int 
     for i in range(0, len(inputs), batch_size):
         x, y = inputs[i : i + batch_size], labels[i : i + batch_size]
         logits = model(x).logits
-        mask = y != IGNORE
+        mask = y != IGNORE_INDEX
         correct += (logits.argmax(-1)[mask] == y[mask]).sum().item()
         total += mask.sum().item()
     model.train()
@@ -244,7 +243,7 @@ def train_one(
             for group in opt.param_groups:
                 group["lr"] = lr_at(step)
             logits = model(xtr[idx]).logits
-            loss = F.cross_entropy(logits.flatten(0, 1), ytr[idx].flatten(), ignore_index=IGNORE)
+            loss = F.cross_entropy(logits.flatten(0, 1), ytr[idx].flatten(), ignore_index=IGNORE_INDEX)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from lmstack.dtypes import parse_dtype
 from lmstack.errors import LMStackError
@@ -58,6 +57,7 @@ def perplexity(
 ) -> dict[str, Any]:
     from lmstack.data import ValReader
     from lmstack.model import BatchContext
+    from lmstack.model.loss import next_token_loss_sum
 
     reader = ValReader(data_dir, seq_len, batch_size, split=split)
     vocab = getattr(reader.index, "vocab_size", None)
@@ -75,10 +75,9 @@ def perplexity(
         ids = batch.input_ids.to(device)
         logits = model(ids, BatchContext.from_doc_ids(batch.doc_ids, device)).logits
         labels = batch.labels.to(device)
-        nll += F.cross_entropy(
-            logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum"
-        ).item()
-        count += int((labels != -100).sum())
+        loss_sum, n_labelled = next_token_loss_sum(logits, labels)
+        nll += loss_sum.item()
+        count += int(n_labelled)
         batches += 1
         if max_batches is not None and batches >= max_batches:
             break

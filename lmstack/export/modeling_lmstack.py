@@ -31,6 +31,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from lmstack.export.configuration_lmstack import LMStackConfig
 from lmstack.model.lm import LM, LMCache
+from lmstack.model.loss import IGNORE_INDEX
 from lmstack.model.mixers.base import BatchContext
 
 # transformers >= 5.2x renamed `past_key_values` to `cache` (outputs and generate's model kwargs).
@@ -234,7 +235,7 @@ class LMStackForCausalLM(LMStackPreTrainedModel, GenerationMixin):
         **kwargs: Any,
     ) -> CausalLMOutputWithPast | tuple:
         """input_ids: [B, T] -> logits [B, T, V] (+ loss when `labels` [B, T] are given; labels are
-        shifted inside, -100 is ignored) and the decoding cache when `use_cache`."""
+        shifted inside, IGNORE_INDEX (-100) is ignored) and the decoding cache when `use_cache`."""
         if inputs_embeds is not None:
             raise ValueError("LMStackForCausalLM takes input_ids, not inputs_embeds")
         if input_ids is None:
@@ -274,7 +275,7 @@ class LMStackForCausalLM(LMStackPreTrainedModel, GenerationMixin):
             loss = F.cross_entropy(
                 logits[:, :-1].flatten(0, 1).float(),
                 labels[:, 1:].flatten().to(logits.device),
-                ignore_index=-100,
+                ignore_index=IGNORE_INDEX,
             )
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
             logits = logits[:, -logits_to_keep:]

@@ -3,7 +3,7 @@
 The real readers live in `lmstack.data` (prepared shards in `data.path`); this module adapts them to
 what the loop needs and adds `SyntheticReader` (random tokens, no files) for benchmarks and tests.
 
-A reader yields `lmstack.data.Batch`es (`input_ids`, `labels` (-100: ignore), `doc_ids`, each
+A reader yields `lmstack.data.Batch`es (`input_ids`, `labels` (IGNORE_INDEX: ignore), `doc_ids`, each
 `[micro_batch, seq_len]` int64) from this rank's share of the data, and has `state_dict()` /
 `load_state_dict()`.
 """
