@@ -1,5 +1,5 @@
 """Load a trained model from what the trainer wrote: a DeepSpeed checkpoint (ZeRO 0-3) plus
-`config.yaml` and `tokenizer/` in each tag folder (see `lmstack.train.checkpoint`).
+`config.yaml` and `tokenizer/` in each tag folder (the layout: `lmstack.checkpoint`).
 
 Accepted paths:
 - a run directory (`RUN/checkpoints/latest` names the tag),
@@ -7,8 +7,8 @@ Accepted paths:
 - a tag directory (`mp_rank_00_model_states.pt` or `zero_pp_rank_*` files inside),
 - a plain model directory written by `save_model_dir` (`model.safetensors` + `config.yaml`).
 
-Loading is safe: every `.pt` file is first read with `torch.load(weights_only=True)` allowing only the
-types a DeepSpeed checkpoint holds, so a tampered pickle is refused before anything executes it.
+Loading is safe: every `.pt` file is first read with `lmstack.checkpoint.safe_torch_load`, so a tampered
+pickle is refused before anything executes it.
 
 Weights: ZeRO 1-3 (and bf16 runs, whose fp32 master weights live in the optimizer shards) are
 consolidated to fp32 with DeepSpeed's `zero_to_fp32`; ZeRO 0 takes the `module` entry of
@@ -22,27 +22,27 @@ from pathlib import Path
 
 import torch
 
+from lmstack.checkpoint import (
+    CONFIG_FILE,
+    MODEL_FILE,
+    MODEL_STATES,
+    TOKENIZER_DIR,
+    find_tag_dir,
+    safe_torch_load,
+    verify_pickles,
+)
 from lmstack.errors import LMStackError
 from lmstack.model.lm import LM
-
-MODEL_STATES = "mp_rank_00_model_states.pt"
-MODEL_FILE = "model.safetensors"
 
 
 def _resolve_tag_dir(path: Path) -> Path:
     if not path.exists():
         raise LMStackError(f"{path}: checkpoint not found")
-    if not path.is_dir():
+    tag_dir = find_tag_dir(path)
+    if tag_dir is None:
         raise LMStackError(f"{path}: expected a directory (run dir, checkpoints dir or checkpoint tag)")
-    for ckpt_dir in (path / "checkpoints", path):
-        latest = ckpt_dir / "latest"
-        if latest.is_file():
-            tag = latest.read_text().strip()
-            if not (ckpt_dir / tag).is_dir():
-                raise LMStackError(f"{latest}: names checkpoint '{tag}', which does not exist in {ckpt_dir}")
-            return ckpt_dir / tag
-    if (path / MODEL_FILE).is_file() or list(path.glob("*model_states.pt")):
-        return path
+    if tag_dir != path or (path / MODEL_FILE).is_file() or list(path.glob("*model_states.pt")):
+        return tag_dir  # a tag named by `latest`, or a folder with weights: its files are read next
     raise LMStackError(
         f"{path}: no checkpoint found; expected a run directory (with checkpoints/latest), a checkpoints "
         f"directory (with latest), a checkpoint tag (with {MODEL_STATES}) or a model directory (with {MODEL_FILE})"
@@ -52,15 +52,13 @@ def _resolve_tag_dir(path: Path) -> Path:
 def _load_run_config(tag_dir: Path):
     from lmstack.config import load_config
 
-    for candidate in (tag_dir / "config.yaml", tag_dir.parent.parent / "config.yaml"):
+    for candidate in (tag_dir / CONFIG_FILE, tag_dir.parent.parent / CONFIG_FILE):
         if candidate.is_file():
             return load_config(candidate)
     raise LMStackError(f"{tag_dir}: config.yaml is missing (the trainer writes the run config there)")
 
 
 def _deepspeed_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
-    from lmstack.train.checkpoint import safe_torch_load, verify_pickles
-
     verify_pickles(tag_dir)  # DeepSpeed's zero_to_fp32 below unpickles without restrictions
     zero_files = sorted(tag_dir.glob("*zero_pp_rank_*_optim_states.pt"))
     if zero_files:
@@ -117,7 +115,7 @@ def load_checkpoint_model(path: str | Path):
     else:
         state = _deepspeed_state_dict(tag_dir)
     _load_into(model, state, tag_dir)
-    tokenizer_dir = tag_dir / "tokenizer"
+    tokenizer_dir = tag_dir / TOKENIZER_DIR
     return model.float().eval(), run_config, (tokenizer_dir if tokenizer_dir.is_dir() else None)
 
 
@@ -137,11 +135,11 @@ def save_model_dir(
     out.mkdir(parents=True, exist_ok=True)
     if run_config is None:
         run_config = RunConfig(model=model.config)
-    (out / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(run_config), sort_keys=False))
+    (out / CONFIG_FILE).write_text(yaml.safe_dump(dataclasses.asdict(run_config), sort_keys=False))
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if model.config.tie_embeddings:
         state.pop("lm_head.weight", None)
     save_file(state, str(out / MODEL_FILE))
     if tokenizer_dir is not None:
-        shutil.copytree(tokenizer_dir, out / "tokenizer", dirs_exist_ok=True)
+        shutil.copytree(tokenizer_dir, out / TOKENIZER_DIR, dirs_exist_ok=True)
     return out

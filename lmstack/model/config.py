@@ -22,6 +22,27 @@ from lmstack.errors import ConfigError
 from lmstack.model.schema import from_dict
 
 
+@dataclass(frozen=True)
+class LayerPaths:
+    """Config paths of one layer's settings, for error messages that name the exact entry a value came
+    from: `model("d_model")` -> "model.d_model"; `option("window")` -> "model.layer_mixers[2].window"
+    when layer 2's own entry sets `window`, else "model.mixer_options.swa.window" (where a value
+    shared by every layer of the mixer, or one replacing its default, is set)."""
+
+    prefix: str
+    layer: int
+    mixer: str
+    own: frozenset[str]
+
+    def model(self, field: str) -> str:
+        return f"{self.prefix}{field}"
+
+    def option(self, key: str) -> str:
+        if key in self.own:
+            return f"{self.prefix}layer_mixers[{self.layer}].{key}"
+        return f"{self.prefix}mixer_options.{self.mixer}.{key}"
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = 32000
@@ -74,6 +95,11 @@ class ModelConfig:
 
     def mixer_for_layer(self, layer_idx: int) -> str:
         return self._layer_entry(layer_idx)[0]
+
+    def layer_paths(self, layer_idx: int, prefix: str = "model.") -> LayerPaths:
+        """Where each setting of layer `layer_idx` is written in the config (see `LayerPaths`)."""
+        name, own = self._layer_entry(layer_idx)
+        return LayerPaths(prefix, layer_idx, name, frozenset(own))
 
     def mixer_options_for(self, name: str) -> Any:
         """The typed options dataclass of mixer `name` (its defaults overridden by `mixer_options`)."""
@@ -130,7 +156,7 @@ class ModelConfig:
             from_dict(MIXERS[name].Options, self.mixer_options[name], f"{prefix}mixer_options.{name}.")
         for i in range(self.n_layers):
             name = self.mixer_for_layer(i)
-            MIXERS[name].validate_config(self, self.layer_options(i, prefix), prefix)
+            MIXERS[name].validate_config(self, self.layer_options(i, prefix), self.layer_paths(i, prefix))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], prefix: str = "") -> ModelConfig:

@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from lmstack.model.config import ModelConfig
 from lmstack.model.mixers import BatchContext, MixerOutput, TokenMixer, get_mixer
@@ -49,8 +50,12 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
+    """x + mixer(norm(x)), then x + mlp(norm(x)). With `recompute` set (activation checkpointing) a
+    training forward keeps only the block's input and recomputes the rest during backward."""
+
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
+        self.recompute = False
         name = config.mixer_for_layer(layer_idx)
         self.mixer_norm = RMSNorm(config.d_model, config.norm_eps)
         self.mixer: TokenMixer = get_mixer(name)(config, layer_idx, config.layer_options(layer_idx))
@@ -58,6 +63,15 @@ class Block(nn.Module):
         self.mlp = SwiGLU(config.d_model, config.ffn_hidden)
 
     def forward(
+        self, x: torch.Tensor, context: BatchContext, state: Any, use_cache: bool
+    ) -> tuple[torch.Tensor, Any, dict[str, torch.Tensor]]:
+        if self.recompute and torch.is_grad_enabled() and not use_cache:
+            # The block's aux losses are outputs of the checkpointed call: counted once, not again
+            # when the backward pass recomputes the block.
+            return checkpoint(self._forward, x, context, state, use_cache, use_reentrant=False)
+        return self._forward(x, context, state, use_cache)
+
+    def _forward(
         self, x: torch.Tensor, context: BatchContext, state: Any, use_cache: bool
     ) -> tuple[torch.Tensor, Any, dict[str, torch.Tensor]]:
         if context.sequence_parallel is not None:  # its byte counts go to this layer

@@ -9,6 +9,13 @@ and embeddings, see optim.py), linear warm-up then cosine to `min_lr`, gradient 
 Per optimizer step: `global_batch_size` sequences = micro_batch_size x grad_accum x data-parallel
 ranks (checked, with an error naming the three numbers).
 
+The parts (each owns its state; `trainer.py` composes them and runs the loop): `layout.py` (ranks and
+batch arithmetic), `data.py` (the trainer's view of the readers), `build.py` (the model, activation
+checkpointing, compile), `engine.py` (DeepSpeed, the guarded optimizer step), `optim.py` (AdamW
+groups, LR schedule), `state.py` (counters, RNG), `checkpoint.py` (atomic saves, resume),
+`metrics.py` (records, MFU), `faults.py` (test-only fault injection), `distributed.py` (process group).
+docs/training.md draws the whole shape.
+
 Run directory: config.yaml, metrics.jsonl (train/val records), tensorboard/, checkpoints/ (see
 checkpoint.py; atomic, last `keep_last` kept, client_state with step, tokens, every rank's reader
 position and RNG states), and the PNG curves of `lmstack plot RUN_DIR`.
@@ -20,7 +27,7 @@ Non-finite gradients: a step whose global gradient norm is inf/NaN is skipped on
 change to the fp32 master weights, optimizer moments and step counts, the step count or the LR
 schedule; the data move on) and logged as a `skip` record; more than `train.max_nan_skips` skips in a
 row stop the run with an error naming its last checkpoint. (DeepSpeed's ZeRO and bf16 optimizers skip
-on their own overflow check; without ZeRO the trainer checks the norm and suppresses the step.)
+on their own overflow check; without ZeRO the engine checks the norm and its `GuardedAdamW` skips.)
 
 Resume (`--resume auto|PATH`): weights, optimizer state, step, tokens, the reader's position and every
 rank's RNG states come back, so on CPU in fp32 the losses after a SIGKILL and resume equal the
@@ -40,6 +47,7 @@ checkpointing); `compile` (torch.compile of each block, in place so parameter na
 checkpoints are unchanged; default on with CUDA, off on CPU).
 """
 
-from lmstack.train.trainer import Trainer, TrainingError, batch_layout, train
+from lmstack.train.layout import RunLayout, batch_layout
+from lmstack.train.trainer import Trainer, TrainingError, train
 
-__all__ = ["Trainer", "TrainingError", "batch_layout", "train"]
+__all__ = ["RunLayout", "Trainer", "TrainingError", "batch_layout", "train"]

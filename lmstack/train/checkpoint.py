@@ -1,13 +1,5 @@
-"""Atomic, rotating DeepSpeed checkpoints under `RUN_DIR/checkpoints/`.
-
-Layout (what `lmstack export` reads):
-
-    checkpoints/
-      latest                  # the tag of the newest complete checkpoint (DeepSpeed's convention)
-      step_00000100/          # one tag per saved step
-        mp_rank_00_model_states.pt, *optim_states.pt ...   # DeepSpeed's files (client_state inside)
-        config.yaml           # the resolved run config
-        tokenizer/            # copy of the data's Hugging Face tokenizer folder
+"""Atomic, rotating DeepSpeed checkpoints under `RUN_DIR/checkpoints/` (the folder layout, the file
+names and safe loading: `lmstack.checkpoint`), and resuming from them.
 
 Atomicity: every rank saves into a temporary tag `.tmp-step_XXXXXXXX`; after a barrier (all ranks'
 files written), rank 0 adds config.yaml and tokenizer/, fsyncs, renames the folder to its final tag
@@ -32,100 +24,28 @@ import argparse
 import contextlib
 import io
 import os
-import re
 import shutil
-import signal
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from lmstack.checkpoint import (
+    CHECKPOINTS_DIR,
+    CONFIG_FILE,
+    LATEST,
+    TMP_PREFIX,
+    TOKENIZER_DIR,
+    complete_tags,
+    find_tag_dir,
+    latest_tag,
+    saved_layout,
+    tag_for,
+    verify_pickles,
+)
 from lmstack.errors import LMStackError
 from lmstack.train import distributed
 
-TAG_RE = re.compile(r"^step_(\d+)$")
-TMP_PREFIX = ".tmp-"
-MODEL_STATES = "mp_rank_00_model_states.pt"
-CONVERTED = "lmstack-universal-done"
-# ZeRO 1-3 optimizer shards, one per data-parallel rank (bf16_ prefix: DeepSpeed's bf16 optimizer).
-OPTIM_SHARD_RE = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
-ZERO3_MODEL_RE = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_00_model_states\.pt$")
-
-
-@dataclass
-class SavedLayout:
-    """How a checkpoint was partitioned, read from DeepSpeed's file names."""
-
-    shards: int  # ZeRO optimizer shards (= data-parallel ranks at save time); 0: ZeRO 0
-    zero3: bool
-    bf16: bool
-
-
-def saved_layout(tag_dir: Path) -> SavedLayout:
-    """The layout of the checkpoint in `tag_dir`; LMStackError when its DeepSpeed files are incomplete."""
-    names = {p.name for p in tag_dir.iterdir()} if tag_dir.is_dir() else set()
-    shards = sorted((int(m.group(2)), bool(m.group(1))) for n in names if (m := OPTIM_SHARD_RE.match(n)))
-    zero3_models = sorted(int(m.group(1)) for n in names if (m := ZERO3_MODEL_RE.match(n)))
-    ranks = [r for r, _ in shards]
-    if ranks != list(range(len(ranks))) or (zero3_models and zero3_models != ranks):
-        raise LMStackError(
-            f"--resume: checkpoint {tag_dir} is incomplete: optimizer shards of ranks {ranks} "
-            f"(model shards {zero3_models or '-'}); expected every rank 0..N-1; resume from an earlier checkpoint"
-        )
-    if not zero3_models and MODEL_STATES not in names:
-        raise LMStackError(
-            f"--resume: checkpoint {tag_dir} is incomplete: {MODEL_STATES} is missing; resume from an "
-            "earlier checkpoint"
-        )
-    if "config.yaml" not in names:
-        raise LMStackError(f"--resume: checkpoint {tag_dir} is incomplete: config.yaml is missing")
-    return SavedLayout(shards=len(ranks), zero3=bool(zero3_models), bf16=any(b for _, b in shards))
-
-
-def _checkpoint_globals() -> list:
-    """The non-tensor types a DeepSpeed checkpoint of lmstack pickles: DeepSpeed's loss scaler, ZeRO
-    stage enum and fragment addresses (optimizer shards), numpy's array pieces (RNG states)."""
-    import numpy as np
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    multiarray = getattr(np, "_core", None) or np.core  # numpy 2 / numpy 1
-    numpy_rng = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), multiarray.multiarray._reconstruct]
-    return [LossScaler, ZeroStageEnum, fragment_address, *numpy_rng]
-
-
-def safe_torch_load(path: Path) -> Any:
-    """`torch.load` with `weights_only=True` and only the allow-listed types; anything else (e.g. a
-    pickle that would call os.system) is refused, unexecuted, with a one-line LMStackError."""
-    import torch
-
-    allowed = _checkpoint_globals()
-    with torch.serialization.safe_globals(allowed):
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # UnpicklingError (a refused global), or a truncated / foreign file
-            try:
-                names = set(
-                    torch.serialization.get_unsafe_globals_in_checkpoint(path)
-                )  # a scan, no execution
-            except Exception:
-                names = set()
-            names -= {f"{g.__module__}.{g.__qualname__}" for g in allowed}
-            if names:
-                raise LMStackError(
-                    f"{path}: refusing to load: its pickle calls {', '.join(sorted(names))}, which no lmstack/"
-                    "DeepSpeed checkpoint holds (a tampered or foreign file?)"
-                ) from None
-            raise LMStackError(
-                f"{path}: cannot read the checkpoint file (corrupt or truncated?): {err}"
-            ) from None
-
-
-def verify_pickles(tag_dir: Path) -> None:
-    """Load every `.pt` file of a checkpoint folder safely before code that loads them unrestricted
-    (DeepSpeed's `load_checkpoint` and `zero_to_fp32` use `weights_only=False`) sees them."""
-    for path in sorted(tag_dir.glob("*.pt")):
-        safe_torch_load(path)
+CONVERTED = "lmstack-universal-done"  # written last into a universal conversion: it finished
 
 
 def check_same_model(tag_dir: Path, config: Any) -> None:
@@ -134,7 +54,7 @@ def check_same_model(tag_dir: Path, config: Any) -> None:
 
     import yaml
 
-    saved = (yaml.safe_load((tag_dir / "config.yaml").read_text()) or {}).get("model", {})
+    saved = (yaml.safe_load((tag_dir / CONFIG_FILE).read_text()) or {}).get("model", {})
     now = dataclasses.asdict(config.model)
     diff = [
         f"model.{k}={now.get(k)!r} (checkpoint: {saved.get(k)!r})" for k in now if saved.get(k) != now.get(k)
@@ -173,10 +93,6 @@ def _to_universal(tag_dir: Path, out: Path) -> None:
         ) from None
 
 
-def tag_for(step: int) -> str:
-    return f"step_{step:08d}"
-
-
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -198,43 +114,45 @@ def _fsync_tree(path: Path) -> None:
         _fsync_dir(Path(root))
 
 
-def fault(name: str, step: int) -> None:
-    """Test hook: `LMSTACK_FAULT=name:step` (or `name@rank:step`, one rank only) makes this process
-    SIGKILL itself at that point."""
-    spec = os.environ.get("LMSTACK_FAULT", "")
-    for item in spec.split(","):
-        key, _, value = item.partition(":")
-        key, _, rank = key.partition("@")
-        if rank and int(rank) != int(os.environ.get("RANK", "0")):
-            continue
-        if key == name and value and int(value) == step:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
-def latest_tag(ckpt_dir: Path) -> str | None:
-    """The tag named by `latest` if that folder exists, else None."""
-    latest = ckpt_dir / "latest"
-    if not latest.is_file():
+def resolve_resume(resume: str | None, ckpt_dir: Path) -> Path | None:
+    """The checkpoint folder that `--resume` names, before anything is built. None (the default):
+    start, refusing a run directory that already holds checkpoints; `auto`: the latest checkpoint in
+    `ckpt_dir` if there is one; a path: a run directory, a checkpoints directory or one tag."""
+    run_dir = ckpt_dir.parent
+    if resume in (None, "none"):
+        tag = latest_tag(ckpt_dir)
+        if tag is not None:
+            raise LMStackError(
+                f"train.run_dir: '{run_dir}' already holds checkpoints (latest: {tag}); pass "
+                f"--resume auto to continue that run, or choose another run_dir"
+            )
         return None
-    tag = latest.read_text().strip()
-    if not (ckpt_dir / tag).is_dir():
-        raise LMStackError(f"{latest}: names checkpoint '{tag}', which does not exist in {ckpt_dir}")
-    return tag
-
-
-def complete_tags(ckpt_dir: Path) -> list[str]:
-    """Finished checkpoint tags, oldest first."""
-    if not ckpt_dir.is_dir():
-        return []
-    tags = [p.name for p in ckpt_dir.iterdir() if p.is_dir() and TAG_RE.match(p.name)]
-    return sorted(tags, key=lambda t: int(TAG_RE.match(t).group(1)))
+    if resume == "auto":
+        tag = latest_tag(ckpt_dir)
+        return ckpt_dir / tag if tag is not None else None
+    tag_dir = find_tag_dir(Path(resume))
+    if tag_dir is None:
+        raise LMStackError(f"--resume: '{resume}' is neither 'auto', a run directory nor a checkpoint folder")
+    return tag_dir
 
 
 class Checkpointer:
-    def __init__(self, run_dir: Path, keep_last: int, is_main: bool) -> None:
-        self.dir = run_dir / "checkpoints"
+    """Saves checkpoints of a run into `RUN_DIR/checkpoints` and loads one back (every method is a
+    collective: every rank calls it). `before_publish(step)`, if given, runs on rank 0 once a save's
+    files are all written, before they are renamed into place (a fault-injection point of
+    lmstack.train.faults)."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        keep_last: int,
+        is_main: bool,
+        before_publish: Callable[[int], None] | None = None,
+    ) -> None:
+        self.dir = run_dir / CHECKPOINTS_DIR
         self.keep_last = keep_last
         self.is_main = is_main
+        self.before_publish = before_publish or (lambda step: None)
 
     def save(
         self,
@@ -256,42 +174,47 @@ class Checkpointer:
         distributed.barrier()  # every rank's shards are on disk
         if self.is_main:
             tmp = self.dir / tmp_tag
-            (tmp / "config.yaml").write_text(config_yaml)
+            (tmp / CONFIG_FILE).write_text(config_yaml)
             if tokenizer_dir is not None and tokenizer_dir.is_dir():
-                shutil.copytree(tokenizer_dir, tmp / "tokenizer", dirs_exist_ok=True)
+                shutil.copytree(tokenizer_dir, tmp / TOKENIZER_DIR, dirs_exist_ok=True)
             _fsync_tree(tmp)
-            fault("kill_in_save", step)
-            final = self.dir / tag
-            if final.exists():  # the same step saved again (e.g. after a resume): move the old aside
-                latest = self.dir / "latest"
-                if latest.is_file() and latest.read_text().strip() == tag:
-                    # `latest` must never name a folder that is moved aside: point it at the newest other
-                    # complete checkpoint first (or drop it if there is none) until the new one is in place.
-                    others = [t for t in complete_tags(self.dir) if t != tag]
-                    if others:
-                        self._write_latest(others[-1])
-                    else:
-                        latest.unlink()
-                        _fsync_dir(self.dir)
-                old = self.dir / (TMP_PREFIX + "old-" + tag)
-                shutil.rmtree(old, ignore_errors=True)
-                os.rename(final, old)
-            os.rename(tmp, final)
-            _fsync_dir(self.dir)
-            self._write_latest(tag)
-            shutil.rmtree(self.dir / (TMP_PREFIX + "old-" + tag), ignore_errors=True)
+            self.before_publish(step)
+            self._publish(tmp, tag)
             self._prune(keep=tag)
         distributed.barrier()
         return tag
 
+    def _publish(self, tmp: Path, tag: str) -> None:
+        """Rename the finished folder `tmp` to `tag` and point `latest` at it; at no moment does
+        `latest` name a missing or unfinished folder."""
+        final = self.dir / tag
+        old = self.dir / (TMP_PREFIX + "old-" + tag)
+        if final.exists():  # the same step saved again (e.g. after a resume): move the old aside
+            latest = self.dir / LATEST
+            if latest.is_file() and latest.read_text().strip() == tag:
+                # `latest` must never name a folder that is moved aside: point it at the newest other
+                # complete checkpoint first (or drop it if there is none) until the new one is in place.
+                others = [t for t in complete_tags(self.dir) if t != tag]
+                if others:
+                    self._write_latest(others[-1])
+                else:
+                    latest.unlink()
+                    _fsync_dir(self.dir)
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(final, old)
+        os.rename(tmp, final)
+        _fsync_dir(self.dir)
+        self._write_latest(tag)
+        shutil.rmtree(old, ignore_errors=True)
+
     def _write_latest(self, tag: str) -> None:
         """Atomically make `latest` name `tag` (write a temp file, fsync, rename, fsync the folder)."""
-        latest_tmp = self.dir / "latest.tmp"
+        latest_tmp = self.dir / (LATEST + ".tmp")
         with open(latest_tmp, "w") as f:
             f.write(tag)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(latest_tmp, self.dir / "latest")
+        os.replace(latest_tmp, self.dir / LATEST)
         _fsync_dir(self.dir)
 
     def _prune(self, keep: str) -> None:

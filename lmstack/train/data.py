@@ -20,6 +20,7 @@ import torch
 from lmstack.config.schema import RunConfig
 from lmstack.data.reader import Batch
 from lmstack.errors import LMStackError
+from lmstack.parallel import ParallelLayout
 
 
 class Reader(Protocol):
@@ -137,6 +138,27 @@ def synthetic_source(config: RunConfig, rank: int, world: int, micro_batch: int)
         return SyntheticReader(V, T, micro_batch, rank, world, seed, offset=10**9)
 
     return DataSource(SyntheticReader(V, T, micro_batch, rank, world, seed), val, None, V)
+
+
+def build_data(config: RunConfig, groups: ParallelLayout, micro_batch: int, source_factory) -> DataSource:
+    """This rank's data: `source_factory(config, dp_rank, dp_size, micro_batch)` (e.g.
+    `prepared_source`), cut to the rank's slice of every row under sequence parallelism."""
+    data = source_factory(config, groups.dp_rank, groups.dp_size, micro_batch)
+    if groups.sequence is not None:
+        data = SequenceSlices.of_source(data, groups.sp_rank, groups.sp_size)
+    if data.vocab_size is not None and data.vocab_size > config.model.vocab_size:
+        raise LMStackError(
+            f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's vocabulary "
+            f"({data.vocab_size}) in {config.data.path}"
+        )
+    return data
+
+
+def with_data_token_ids(config: RunConfig, data: DataSource) -> RunConfig:
+    """`config` with the data's bos/eos/pad token ids where `model` leaves them unset: the resolved
+    config that the run saves (and exports carry). `config` itself is left as it is."""
+    ids = {k: v for k, v in (data.token_ids or {}).items() if getattr(config.model, k) is None}
+    return replace(config, model=replace(config.model, **ids)) if ids else config
 
 
 def check_prepared(path: Path) -> None:

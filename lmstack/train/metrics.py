@@ -90,6 +90,44 @@ class RunLogger:
         if self.tb is not None:
             self.tb.close()
 
+    def __enter__(self) -> RunLogger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class MetricsWindow:
+    """Wall time, CPU time and tokens of the steps since the last `train` record (skipped steps
+    included): the throughput and per-step times that record reports."""
+
+    def __init__(self) -> None:
+        self._start_over()
+
+    def _start_over(self) -> None:
+        self.time, self.cpu_time, self.tokens, self.steps = 0.0, 0.0, 0, 0
+
+    def add(self, step: dict[str, Any], tokens: int) -> None:
+        """One step's metrics (its `time` and `cpu_time`) and the tokens it read."""
+        self.time += step["time"]
+        self.cpu_time += step["cpu_time"]
+        self.tokens += tokens
+        self.steps += 1
+
+    def take(self, flops_per_token: float, peak: float | None, world: int) -> dict[str, float | None]:
+        """tokens/s (all ranks), seconds and CPU seconds per step, MFU (None without a peak); then
+        the window starts over."""
+        tok_s = self.tokens / max(self.time, 1e-9)
+        out = {
+            "tokens_per_s": tok_s,
+            "step_time_s": self.time / max(self.steps, 1),
+            # this process's CPU time (all threads) per step: robust to a busy machine
+            "step_cpu_s": self.cpu_time / max(self.steps, 1),
+            "mfu": (flops_per_token * tok_s / (peak * world)) if peak else None,
+        }
+        self._start_over()
+        return out
+
 
 def read_metrics(run_dir: str | Path) -> dict[str, list[dict[str, Any]]]:
     """Records of `RUN_DIR/metrics.jsonl` by kind, sorted by step, the last record of each step kept."""

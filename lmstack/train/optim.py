@@ -39,10 +39,28 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+class GuardedAdamW(torch.optim.AdamW):
+    """AdamW that leaves everything as it is (weights, moments, step counts) in a step where
+    `overflow` is set, which DeepSpeed then reports as not applied (`engine.was_step_applied()`).
+
+    Without ZeRO, DeepSpeed steps the torch optimizer without looking at the gradients; its ZeRO
+    optimizers check them themselves (and are handed the plain AdamW, the type DeepSpeed lists as
+    tested with ZeRO)."""
+
+    overflow = False  # set before each step by the trainer (lmstack.train.engine)
+
+    def step(self, closure=None):
+        if self.overflow:
+            return None
+        return super().step(closure)
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, guarded: bool = False) -> torch.optim.Optimizer:
+    """AdamW over `param_groups`; `guarded`: a `GuardedAdamW` (for ZeRO stage 0)."""
     # A plain torch AdamW: DeepSpeed's fused CPU Adam would JIT-compile a C++ extension (minutes).
     fused = torch.cuda.is_available()
-    return torch.optim.AdamW(
+    adamw = GuardedAdamW if guarded else torch.optim.AdamW
+    return adamw(
         param_groups(model, cfg.weight_decay),
         lr=cfg.lr,
         betas=(cfg.beta1, cfg.beta2),

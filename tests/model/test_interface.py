@@ -121,3 +121,32 @@ def test_per_layer_option_errors_name_the_layer(entry, message) -> None:
         ConfigError, match=message.replace("[", r"\[").replace("]", r"\]").replace("?", r"\?")
     ):
         cfg.validate("model.")
+
+
+@pytest.mark.parametrize(
+    ("layers", "shared", "message"),
+    [
+        # a check across the option and the model (GLA's key width, MoH's head split) names the entry
+        # that set the value: the layer's own entry, else mixer_options.<name> (shared or default)
+        (["attention", {"mixer": "gla", "expand_k": 0.3}], {}, "model.layer_mixers[1].expand_k: d_model"),
+        (["attention", "gla"], {"gla": {"expand_k": 0.3}}, "model.mixer_options.gla.expand_k: d_model"),
+        (["moh", {"mixer": "moh", "top_k": 9}], {}, "model.layer_mixers[1].top_k: expected 1 .. 2"),
+        (
+            [{"mixer": "moh", "shared_heads": 1}, "attention"],
+            {"moh": {"top_k": 7}},
+            "model.mixer_options.moh.top_k: expected 1 .. 3",
+        ),
+        (
+            None,
+            {"moh": {"shared_heads": 4}},
+            "model.mixer_options.moh.shared_heads: expected 1 .. n_heads - 1",
+        ),
+    ],
+)
+def test_cross_field_option_errors_name_the_entry_that_set_the_value(layers, shared, message) -> None:
+    cfg = ModelConfig(
+        d_model=64, n_layers=2, n_heads=4, mixer="moh", layer_mixers=layers, mixer_options=shared
+    )
+    with pytest.raises(ConfigError) as err:
+        cfg.validate("model.")
+    assert str(err.value).startswith(message), str(err.value)

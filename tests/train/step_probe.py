@@ -5,13 +5,13 @@ weights, Adam moments and step counts, read from `engine.optimizer.state_dict()`
 
 import json
 import math
-import os
 import sys
 
 import torch
 
 from lmstack.config import load_config
 from lmstack.train import Trainer, distributed
+from lmstack.train.faults import Faults, TrainHooks
 
 
 def flat(obj, prefix=""):
@@ -29,7 +29,7 @@ def flat(obj, prefix=""):
 
 
 def snapshot(trainer):
-    state = flat(trainer.engine.optimizer.state_dict(), "optimizer")
+    state = flat(trainer.engine.ds.optimizer.state_dict(), "optimizer")
     if trainer.zero_stage < 3:  # ZeRO 3 leaves only placeholders in the module (weights: optimizer)
         state.update(flat(trainer.engine.module.state_dict(), "module"))
     return state
@@ -50,12 +50,11 @@ if __name__ == "__main__":
     info = distributed.init_distributed(timeout_s=60)
     try:
         for overrides in json.loads(sys.argv[1]):
-            os.environ.pop("LMSTACK_FAULT", None)
-            trainer = Trainer(load_config(None, overrides))
+            trainer = Trainer(load_config(None, overrides), hooks=TrainHooks())
             for _ in range(2):
                 assert not trainer.train_step()["skipped"]
             before = snapshot(trainer)
-            os.environ["LMSTACK_FAULT"] = "nan_at:3"
+            trainer.hooks = Faults.parse("nan_at:3", info.rank)
             skipped = trainer.train_step()
             after = snapshot(trainer)
             applied = trainer.train_step()
@@ -63,7 +62,7 @@ if __name__ == "__main__":
             result = {
                 "skipped": skipped["skipped"],
                 "grad_norm_finite": skipped["grad_norm"] is not None and math.isfinite(skipped["grad_norm"]),
-                "step_after_skip": trainer.step - 1,
+                "step_after_skip": trainer.state.step - 1,
                 "lr_after_skip": applied["lr"],
                 "lr_before_skip": skipped["lr"],
                 "changed_by_skip": changed(before, after),

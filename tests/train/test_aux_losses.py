@@ -14,8 +14,8 @@ from conftest import base_overrides, run_trainings
 from lmstack.config import load_config
 from lmstack.data import TrainReader
 from lmstack.model import LM
+from lmstack.train.build import apply_activation_checkpointing
 from lmstack.train.metrics import read_metrics
-from lmstack.train.trainer import _use_activation_checkpointing
 
 COEF = 0.5
 LAYERS = "[probe, attention]"
@@ -57,7 +57,7 @@ def test_lm_collects_aux_per_layer_and_checkpointing_counts_once(probe):
         torch.manual_seed(0)
         model = LM(cfg)
         if checkpointing:
-            _use_activation_checkpointing(model)
+            apply_activation_checkpointing(model)
         out = model(ids)
         assert sorted(out.aux) == [
             "probe_loss/layer0",

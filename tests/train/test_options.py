@@ -6,7 +6,7 @@ import torch
 from conftest import base_overrides, losses, run_trainings
 
 from lmstack.model import LM, ModelConfig
-from lmstack.train.trainer import _use_activation_checkpointing
+from lmstack.train.build import apply_activation_checkpointing
 
 
 def _mixer_calls_in_step(checkpointing: bool) -> tuple[int, int]:
@@ -15,7 +15,7 @@ def _mixer_calls_in_step(checkpointing: bool) -> tuple[int, int]:
     cfg = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=2, max_seq_len=16)
     model = LM(ModelConfig.from_dict(cfg))
     if checkpointing:
-        _use_activation_checkpointing(model)
+        apply_activation_checkpointing(model)
     calls = [0]
     for block in model.blocks:
         block.mixer.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))

@@ -20,7 +20,8 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import nn
 
-from lmstack.model.config import ModelConfig
+from lmstack.errors import ConfigError
+from lmstack.model.config import LayerPaths, ModelConfig
 
 
 @dataclass
@@ -192,6 +193,16 @@ def run_by_pieces(op: Callable, tensors: tuple[torch.Tensor, ...], state, contex
     return o.view(B, T, *o.shape[2:]), (None if final is None else final[context.last_piece])
 
 
+def check_head_dim(mixer: str, config: ModelConfig, paths: LayerPaths, low: int, high: int) -> None:
+    """ConfigError naming `model.d_model` unless low <= head_dim <= high (an op's supported range)."""
+    Dh = config.head_dim
+    if not low <= Dh <= high:
+        raise ConfigError(
+            f"{paths.model('d_model')}: head_dim = d_model / n_heads = {Dh} is not supported by mixer "
+            f"{mixer}; expected {low}..{high} (change model.d_model or model.n_heads)"
+        )
+
+
 class MixerOutput(NamedTuple):
     """What a mixer's forward returns.
 
@@ -223,9 +234,10 @@ class TokenMixer(nn.Module):
     supports_sequence_parallel: ClassVar[bool] = False
 
     @classmethod
-    def validate_config(cls, config: ModelConfig, options: Any, prefix: str = "") -> None:
-        """Raise ConfigError (naming `prefix` + field) if this mixer cannot run `config` with these
-        options; `prefix` names the layer's entry. Default: no check."""
+    def validate_config(cls, config: ModelConfig, options: Any, paths: LayerPaths) -> None:
+        """Raise ConfigError if this mixer cannot run `config` with this layer's `options`, naming the
+        field by `paths.option(key)` (the layer's own entry or `mixer_options.<name>`, whichever sets
+        it) or `paths.model(field)`. Default: no check."""
 
     def __init__(self, config: ModelConfig, layer_idx: int, options: Any) -> None:
         super().__init__()

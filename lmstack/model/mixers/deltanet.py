@@ -32,9 +32,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmstack.errors import ConfigError
-from lmstack.model.config import ModelConfig
+from lmstack.model.config import LayerPaths, ModelConfig
 from lmstack.model.mixers import register
-from lmstack.model.mixers.base import BatchContext, MixerOutput, TokenMixer, continued_state, run_by_pieces
+from lmstack.model.mixers.base import (
+    BatchContext,
+    MixerOutput,
+    TokenMixer,
+    check_head_dim,
+    continued_state,
+    run_by_pieces,
+)
 from lmstack.model.short_conv import ConvState, ShortConvolution
 from lmstack_kernels.common.chunked import trailing_tokens
 from lmstack_kernels.deltanet import (
@@ -74,17 +81,12 @@ class DeltaNet(TokenMixer):
     supports_sequence_parallel = True
 
     @classmethod
-    def validate_config(cls, config: ModelConfig, options: DeltaNetOptions, prefix: str = "model.") -> None:
-        Dh = config.head_dim
-        if not MIN_HEAD_DIM <= Dh <= MAX_HEAD_DIM:
-            raise ConfigError(
-                f"{prefix}d_model: head_dim = d_model / n_heads = {Dh} is not supported by mixer deltanet; "
-                f"expected {MIN_HEAD_DIM}..{MAX_HEAD_DIM} (change model.d_model or model.n_heads)"
-            )
+    def validate_config(cls, config: ModelConfig, options: DeltaNetOptions, paths: LayerPaths) -> None:
+        check_head_dim("deltanet", config, paths, MIN_HEAD_DIM, MAX_HEAD_DIM)
 
     def __init__(self, config: ModelConfig, layer_idx: int, options: DeltaNetOptions) -> None:
         super().__init__(config, layer_idx, options)
-        self.validate_config(config, options)
+        self.validate_config(config, options, config.layer_paths(layer_idx))
         D, H, Dh = config.d_model, config.n_heads, config.head_dim
         self.n_heads, self.head_dim = H, Dh
         self.qkv_proj = nn.Linear(D, 3 * H * Dh, bias=False)

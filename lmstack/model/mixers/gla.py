@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmstack.errors import ConfigError
-from lmstack.model.config import ModelConfig
+from lmstack.model.config import LayerPaths, ModelConfig
 from lmstack.model.mixers import register
 from lmstack.model.mixers.base import BatchContext, MixerOutput, TokenMixer, continued_state, run_by_pieces
 from lmstack.model.short_conv import ConvState, ShortConvolution
@@ -74,23 +74,23 @@ class GatedLinearAttention(TokenMixer):
     supports_sequence_parallel = True
 
     @classmethod
-    def validate_config(cls, config: ModelConfig, options: GLAOptions, prefix: str = "model.") -> None:
+    def validate_config(cls, config: ModelConfig, options: GLAOptions, paths: LayerPaths) -> None:
         H = config.n_heads
         key_dim = config.d_model * options.expand_k
         if key_dim != int(key_dim) or int(key_dim) % H or not 1 <= key_dim // H <= MAX_HEAD_DIM:
             raise ConfigError(
-                f"{prefix}mixer_options.gla.expand_k: d_model · expand_k = {key_dim:g} must be a whole "
+                f"{paths.option('expand_k')}: d_model · expand_k = {key_dim:g} must be a whole "
                 f"multiple of n_heads = {H} with at most {MAX_HEAD_DIM} per head"
             )
         if config.head_dim > MAX_HEAD_DIM:
             raise ConfigError(
-                f"{prefix}d_model: head_dim = d_model / n_heads = {config.head_dim} is not supported by "
+                f"{paths.model('d_model')}: head_dim = d_model / n_heads = {config.head_dim} is not supported by "
                 f"mixer gla; expected at most {MAX_HEAD_DIM} (change model.d_model or model.n_heads)"
             )
 
     def __init__(self, config: ModelConfig, layer_idx: int, options: GLAOptions) -> None:
         super().__init__(config, layer_idx, options)
-        self.validate_config(config, options)
+        self.validate_config(config, options, config.layer_paths(layer_idx))
         D, H = config.d_model, config.n_heads
         self.n_heads, self.head_k, self.head_v = H, int(D * options.expand_k) // H, config.head_dim
         key_dim, value_dim = H * self.head_k, H * self.head_v

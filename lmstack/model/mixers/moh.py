@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from lmstack.errors import ConfigError
-from lmstack.model.config import ModelConfig
+from lmstack.model.config import LayerPaths, ModelConfig
 from lmstack.model.mixers import register
 from lmstack.model.mixers.attention import Attention, AttentionOptions
 from lmstack.model.mixers.base import BatchContext
@@ -82,23 +82,21 @@ class MixtureOfHeadAttention(Attention):
     aux_losses = {"moh_balance": 0.01}
 
     @classmethod
-    def validate_config(cls, config: ModelConfig, options: MoHOptions, prefix: str = "model.") -> None:
+    def validate_config(cls, config: ModelConfig, options: MoHOptions, paths: LayerPaths) -> None:
         H = config.n_heads
         shared, routed, top_k = head_split(config, options)
-        # Name the entry the options came from: the first layer with these options.
-        layer = next((i for i in range(config.n_layers) if config.layer_options(i) == options), None)
-        entry = (
-            f"layer_mixers[{layer}]." if config.layer_mixers and layer is not None else "mixer_options.moh."
-        )
-        where = prefix + entry
         if not 1 <= shared <= H - 1:
-            raise ConfigError(f"{where}shared_heads: expected 1 .. n_heads - 1 = {H - 1}, got {shared}")
+            raise ConfigError(
+                f"{paths.option('shared_heads')}: expected 1 .. n_heads - 1 = {H - 1}, got {shared}"
+            )
         if not 1 <= top_k <= routed:
-            raise ConfigError(f"{where}top_k: expected 1 .. {routed} (the routed heads), got {top_k}")
+            raise ConfigError(
+                f"{paths.option('top_k')}: expected 1 .. {routed} (the routed heads), got {top_k}"
+            )
 
     def __init__(self, config: ModelConfig, layer_idx: int, options: MoHOptions) -> None:
         super().__init__(config, layer_idx, options)
-        self.validate_config(config, options)
+        self.validate_config(config, options, config.layer_paths(layer_idx))
         self.shared, self.routed, self.top_k = head_split(config, options)
         # One matrix for W_s, W_r and W_h (shared logits, routed logits, the two group logits).
         self.router = nn.Linear(config.d_model, self.shared + self.routed + 2, bias=False)
