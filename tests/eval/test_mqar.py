@@ -10,6 +10,7 @@ import torch
 from lmstack.errors import LMStackError
 from lmstack.eval import mqar
 from lmstack.model import LM, MIXERS, BatchContext, ModelConfig
+from lmstack.model.loss import IGNORE_INDEX
 
 
 @pytest.mark.parametrize("V,T,K,power_a", [(64, 32, 4, 0.01), (256, 128, 16, 0.01), (100, 64, 16, 0.5)])
@@ -25,9 +26,9 @@ def test_generator_invariants(V, T, K, power_a):
         assert len(set(keys.tolist())) == K and len(set(values.tolist())) == K
         kv = dict(zip(keys.tolist(), values.tolist()))
         # labels only at query positions: one per key, all after the key-value region
-        q = (y[i] != mqar.IGNORE).nonzero().flatten()
+        q = (y[i] != IGNORE_INDEX).nonzero().flatten()
         assert len(q) == K and (q >= 2 * K).all()
-        assert (y[i, : 2 * K] == mqar.IGNORE).all()
+        assert (y[i, : 2 * K] == IGNORE_INDEX).all()
         # every query is a key, each key is asked once, and its answer is that key's value
         assert sorted(x[i, q].tolist()) == sorted(kv)
         for pos in q.tolist():
@@ -40,7 +41,7 @@ def test_generator_is_deterministic_and_power_law_prefers_short_gaps():
     c = mqar.multiquery_ar(256, 64, 128, 8, seed=2)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and not torch.equal(a[0], c[0])
     _, y = mqar.multiquery_ar(256, 2000, 128, 8, power_a=0.01, seed=0)
-    q = (y != mqar.IGNORE).nonzero()[:, 1] - 16  # offsets in the query region
+    q = (y != IGNORE_INDEX).nonzero()[:, 1] - 16  # offsets in the query region
     early, late = (q < 56).sum().item(), (q >= 56).sum().item()
     assert early > 1.3 * late
 
