@@ -87,6 +87,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     from lmstack.train import train
 
     summary = train(load_run_config(args), resume=args.resume)
+    if "stopped_by" in summary:  # every rank: a launcher requeues on this exit code
+        from lmstack.train.stop import EXIT_STOPPED
+
+        sys.exit(EXIT_STOPPED)
     if "checkpoints" in summary:  # the main rank
         line = f"trained {summary['step']} steps, {summary['tokens']:,} tokens"
         if "val_loss" in summary:

@@ -2,11 +2,28 @@
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass, field
 from typing import Literal
 
 from lmstack.errors import ConfigError
 from lmstack.model.config import ModelConfig
+
+# Signal names `train.stop_signals` accepts: every one this platform has but SIGKILL and SIGSTOP (which
+# no process can catch), those that report the process's own faults, and SIGCHLD and SIGCONT (sent
+# by the system in normal operation: SLURM sends SIGCONT before every SIGTERM).
+_NOT_STOP_SIGNALS = (
+    "SIGKILL",
+    "SIGSTOP",
+    "SIGSEGV",
+    "SIGBUS",
+    "SIGFPE",
+    "SIGILL",
+    "SIGABRT",
+    "SIGCHLD",
+    "SIGCONT",
+)
+STOP_SIGNAL_NAMES = frozenset(s.name for s in signal.Signals if s.name not in _NOT_STOP_SIGNALS)
 
 
 @dataclass
@@ -143,6 +160,10 @@ class TrainConfig:
     max_nan_skips: int = 10
     # Collective timeout: a dead rank makes the others fail after at most this long.
     dist_timeout_s: int = 600
+    # Signals that stop the run cleanly (preemption, a time limit's warning): every rank finishes its
+    # step, all save a checkpoint at the same step, and the process exits with code 75 (lmstack.train.stop).
+    # [] leaves every signal its default action.
+    stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
     # Peak FLOP/s of one device for MFU; null: looked up by device name (none on CPU: MFU not reported).
     peak_flops: float | None = None
     # Coefficients of the mixers' auxiliary losses by name (e.g. moh_balance: 0.01); unset names keep
@@ -195,6 +216,12 @@ class TrainConfig:
             )
         if self.peak_flops is not None and self.peak_flops <= 0:
             fail("peak_flops", f"expected a positive number, got {self.peak_flops}")
+        for i, name in enumerate(self.stop_signals):
+            if name not in STOP_SIGNAL_NAMES:
+                fail(
+                    f"stop_signals[{i}]",
+                    f"expected a signal a process can catch, e.g. SIGTERM or SIGUSR1, got {name!r}",
+                )
 
 
 @dataclass

@@ -13,7 +13,9 @@ The parts (each owns its state; `trainer.py` composes them and runs the loop): `
 batch arithmetic), `data.py` (the trainer's view of the readers), `build.py` (the model, activation
 checkpointing, compile), `engine.py` (DeepSpeed, the guarded optimizer step), `optim.py` (AdamW
 groups, LR schedule), `state.py` (counters, RNG), `checkpoint.py` (atomic saves, resume),
-`metrics.py` (records, MFU), `faults.py` (test-only fault injection), `distributed.py` (process group).
+`metrics.py` (records, MFU), `stop.py` (stop signals: save at the same step on every rank, exit 75),
+`run_dir.py` (one training per run directory), `faults.py` (test-only fault injection),
+`distributed.py` (process group).
 docs/training.md draws the whole shape.
 
 Run directory: config.yaml, metrics.jsonl (train/val records), tensorboard/, checkpoints/ (see

@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import io
 import os
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -114,6 +115,15 @@ def _fsync_tree(path: Path) -> None:
         _fsync_dir(Path(root))
 
 
+def _attempt(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> OSError | RuntimeError | None:
+    """Run `fn`; the OSError or RuntimeError (torch.save's disk-full error) it raised, else None."""
+    try:
+        fn(*args, **kwargs)
+    except (OSError, RuntimeError) as err:
+        return err
+    return None
+
+
 def resolve_resume(resume: str | None, ckpt_dir: Path) -> Path | None:
     """The checkpoint folder that `--resume` names, before anything is built. None (the default):
     start, refusing a run directory that already holds checkpoints; `auto`: the latest checkpoint in
@@ -162,27 +172,67 @@ class Checkpointer:
         config_yaml: str,
         tokenizer_dir: Path | None,
     ) -> str:
-        """Save on every rank (collective). Returns the tag."""
+        """Save on every rank (collective). Returns the tag. A save that fails on any rank (disk full,
+        permission) fails on every rank with one LMStackError; `latest` still names the previous
+        checkpoint and the unfinished folder is removed."""
         tag = tag_for(step)
-        tmp_tag = TMP_PREFIX + tag
+        tmp = self.dir / (TMP_PREFIX + tag)
         if self.is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
             for stale in self.dir.glob(TMP_PREFIX + "*"):
                 shutil.rmtree(stale, ignore_errors=True)
         distributed.barrier()
-        engine.save_checkpoint(str(self.dir), tag=tmp_tag, client_state=client_state, save_latest=False)
-        distributed.barrier()  # every rank's shards are on disk
+        error = _attempt(
+            engine.save_checkpoint, str(self.dir), tag=tmp.name, client_state=client_state, save_latest=False
+        )
+        if error is not None:
+            # DeepSpeed's save ends in a barrier, which the other ranks may be waiting in: meet them there.
+            distributed.barrier()
+        self._agree_saved(error, tmp)  # every rank's shards are on disk
+        error = None
         if self.is_main:
-            tmp = self.dir / tmp_tag
-            (tmp / CONFIG_FILE).write_text(config_yaml)
-            if tokenizer_dir is not None and tokenizer_dir.is_dir():
-                shutil.copytree(tokenizer_dir, tmp / TOKENIZER_DIR, dirs_exist_ok=True)
-            _fsync_tree(tmp)
-            self.before_publish(step)
-            self._publish(tmp, tag)
-            self._prune(keep=tag)
-        distributed.barrier()
+            error = _attempt(self._finish, tmp, tag, step, config_yaml, tokenizer_dir)
+        self._agree_saved(error, tmp)
         return tag
+
+    def _finish(self, tmp: Path, tag: str, step: int, config_yaml: str, tokenizer_dir: Path | None) -> None:
+        """Rank 0: complete the folder every rank has written and publish it."""
+        (tmp / CONFIG_FILE).write_text(config_yaml)
+        if tokenizer_dir is not None and tokenizer_dir.is_dir():
+            shutil.copytree(tokenizer_dir, tmp / TOKENIZER_DIR, dirs_exist_ok=True)
+        _fsync_tree(tmp)
+        self.before_publish(step)
+        self._publish(tmp, tag)
+        self._prune(keep=tag)
+
+    def _agree_saved(self, error: OSError | RuntimeError | None, tmp: Path) -> None:
+        """Collective: go on if every rank's part of the save succeeded; else remove the unfinished
+        folder and raise on every rank, naming the failure (on the ranks where it happened)."""
+        if distributed.reduce_int(error is None, "min"):
+            return
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        latest = latest_tag(self.dir)
+        kept = (
+            f"the latest checkpoint is still {self.dir / latest}"
+            if latest
+            else "no checkpoint was saved before"
+        )
+        if error is None:
+            raise LMStackError(
+                f"train.run_dir: another rank could not save checkpoint {tmp.name} (see its error); {kept}"
+            )
+        free = shutil.disk_usage(self.dir).free if self.dir.exists() else 0
+        if isinstance(error, OSError):
+            reason = error.strerror or str(error)
+        else:  # torch.save's writer reports a short write as "[enforce fail at ...] . unexpected pos ..."
+            reason = re.sub(r"^\[enforce fail at [^\]]*\][\s.]*", "", str(error).splitlines()[0])
+            if free < 2**20:
+                reason = f"the disk is full (torch.save: {reason})"
+        raise LMStackError(
+            f"train.run_dir: cannot save checkpoint {tmp.name} in '{self.dir}': {reason} "
+            f"({free / 2**20:,.1f} MiB free there); {kept}"
+        )
 
     def _publish(self, tmp: Path, tag: str) -> None:
         """Rename the finished folder `tmp` to `tag` and point `latest` at it; at no moment does

@@ -79,6 +79,18 @@ def all_gather_object(obj):
     return out
 
 
+def reduce_int(value: int, op: str) -> int:
+    """Collective: the "min" or "max" of an integer over all ranks (on the backend's device: NCCL
+    reduces CUDA tensors only)."""
+    import torch.distributed as dist
+
+    cuda = dist.get_backend() == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    tensor = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN if op == "min" else dist.ReduceOp.MAX)
+    return int(tensor.item())
+
+
 def barrier() -> None:
     import torch.distributed as dist
 

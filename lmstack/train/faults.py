@@ -9,7 +9,11 @@ through the environment. Nothing here runs unless `LMSTACK_FAULT` is set.
                         RNG in the step (an exact resume must restore every rank's RNG state)
     kill_at_step:5      SIGKILL right after optimizer step 5 (its checkpoint, if one was due, is saved)
     kill_in_save:6      SIGKILL inside the save of step 6: all files written, nothing renamed into place
-    NAME@R:VALUE        a kill on rank R only, e.g. kill_at_step@1:2
+    term_at_step:5      SIGTERM to itself right after optimizer step 5 (a stop signal: lmstack.train.stop)
+    term_in_save:6      SIGTERM to itself inside the save of step 6 (at the same point as kill_in_save)
+    step_delay:0.2      sleep 0.2 s after every optimizer step (slows a run down for signal and scheduler
+                        tests; the numbers are unchanged)
+    NAME@R:VALUE        a kill or SIGTERM on rank R only, e.g. kill_at_step@1:2
 
 The trainer calls its `hooks` (a `TrainHooks`, doing nothing) at these points; `hooks_from_env()`
 returns the `Faults` to install instead when the variable is set (`lmstack.train.train` does so).
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -26,7 +31,13 @@ import torch
 from lmstack.errors import LMStackError
 
 ENV = "LMSTACK_FAULT"
-KILL_POINTS = ("kill_at_step", "kill_in_save")
+# The signal each kill point sends to the process itself.
+KILL_POINTS = {
+    "kill_at_step": signal.SIGKILL,
+    "kill_in_save": signal.SIGKILL,
+    "term_at_step": signal.SIGTERM,
+    "term_in_save": signal.SIGTERM,
+}
 
 
 class TrainHooks:
@@ -50,6 +61,7 @@ class Faults(TrainHooks):
     rank: int
     nan_at: set[int] = field(default_factory=set)
     loss_noise: float = 0.0
+    step_delay: float = 0.0
     kills: dict[str, int] = field(default_factory=dict)  # kill point -> step, for this rank
 
     @classmethod
@@ -63,12 +75,14 @@ class Faults(TrainHooks):
                     faults.nan_at = {int(v) for v in value.split("+") if v}
                 elif name == "loss_noise":
                     faults.loss_noise = float(value)
+                elif name == "step_delay":
+                    faults.step_delay = float(value)
                 elif name in KILL_POINTS:
                     if not only_rank or int(only_rank) == rank:
                         faults.kills[name] = int(value)
                 else:
                     raise LMStackError(
-                        f"{ENV}: unknown fault '{name}' in '{spec}'; known: nan_at, loss_noise, "
+                        f"{ENV}: unknown fault '{name}' in '{spec}'; known: nan_at, loss_noise, step_delay, "
                         f"{', '.join(KILL_POINTS)}"
                     )
             except ValueError:
@@ -85,14 +99,17 @@ class Faults(TrainHooks):
         return loss_sum
 
     def after_step(self, step: int) -> None:
-        self._kill_at("kill_at_step", step)
+        if self.step_delay:
+            time.sleep(self.step_delay)
+        self._kill_at(("kill_at_step", "term_at_step"), step)
 
     def before_publish(self, step: int) -> None:
-        self._kill_at("kill_in_save", step)
+        self._kill_at(("kill_in_save", "term_in_save"), step)
 
-    def _kill_at(self, point: str, step: int) -> None:
-        if self.kills.get(point) == step:
-            os.kill(os.getpid(), signal.SIGKILL)
+    def _kill_at(self, points: tuple[str, ...], step: int) -> None:
+        for point in points:
+            if self.kills.get(point) == step:
+                os.kill(os.getpid(), KILL_POINTS[point])
 
 
 def hooks_from_env() -> TrainHooks:

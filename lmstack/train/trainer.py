@@ -8,6 +8,7 @@
     Checkpointer   atomic saves, resume                                     (checkpoint.py)
     RunLogger, MetricsWindow   metrics.jsonl / TensorBoard records          (metrics.py)
     TrainHooks     named points where tests inject faults                   (faults.py)
+    StopRequest, RunDirLock   stop signals; one writer per run directory    (stop.py, run_dir.py; held by `train`)
 
 `Trainer(...)` builds them in that order (every mistake a user can make is reported before a process
 group or a model exists) and `Trainer.run` is the loop. The caller's config is never changed: the
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -42,21 +42,13 @@ from lmstack.train.faults import TrainHooks, hooks_from_env
 from lmstack.train.layout import RunLayout
 from lmstack.train.metrics import MetricsWindow, RunLogger, memory_stats, peak_flops
 from lmstack.train.optim import lr_at
+from lmstack.train.run_dir import RunDirLock
 from lmstack.train.state import RNGState, TrainState, seed_all
+from lmstack.train.stop import StopRequest, write_stop_record
 
 
 class TrainingError(LMStackError):
     """Training cannot go on (e.g. too many non-finite losses); the last checkpoint is intact."""
-
-
-def check_run_dir(run_dir: Path, rank: int) -> None:
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write-test-{rank}-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as err:
-        raise LMStackError(f"train.run_dir: cannot write to '{run_dir}': {err.strerror or err}") from None
 
 
 class Trainer:
@@ -66,13 +58,14 @@ class Trainer:
         resume: str | None = None,
         source_factory=prepared_source,
         hooks: TrainHooks | None = None,
+        stop: StopRequest | None = None,
     ) -> None:
         t = config.train
         self.hooks = hooks or TrainHooks()
+        self.stop = stop or StopRequest([])
         # Mistakes a user can make are reported before any process group or model is built.
         self.layout = RunLayout.resolve(config)
         self.run_dir = Path(t.run_dir)
-        check_run_dir(self.run_dir, self.layout.rank)
         self.checkpointer = Checkpointer(
             self.run_dir, t.keep_last, self.layout.is_main, self.hooks.before_publish
         )
@@ -99,6 +92,8 @@ class Trainer:
         self.peak = peak_flops(self.device, self.bf16, t.peak_flops)
         self.state = TrainState()
         self.last_tag: str | None = None
+        self.saved_iteration = 0  # the iteration whose state the last save holds (0: nothing to save)
+        self.stopped_by: str | None = None  # the stop signal the ranks agreed on
 
     def _build_engine(self) -> None:
         """The model (its facts for the logs), then, when resuming, the checked checkpoint, then the
@@ -129,6 +124,7 @@ class Trainer:
         self.last_tag = self.checkpointer.save(
             self.engine.ds, self.state.step, client_state, dump_config(self.config), self.data.tokenizer_dir
         )
+        self.saved_iteration = self.state.iteration
 
     def _load(self) -> None:
         saved = self.checkpointer.load(self.engine.ds, self.load_dir, self.universal)
@@ -142,6 +138,7 @@ class Trainer:
             self.data.train.load_state_dict(saved["reader"][0])
             seed_all(self.config.train.seed + 1_000_003 * self.state.step + self.layout.rank)
         self.last_tag = self.resume_dir.name
+        self.saved_iteration = self.state.iteration
 
     # -- steps -----------------------------------------------------------------------------------
     def _forward_loss(
@@ -272,13 +269,14 @@ class Trainer:
 
     # -- the run ---------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        """Train from the resumed (or first) step to the last; returns the summary of the last step."""
+        """Train from the resumed (or first) step to the last, or until a stop signal (then save);
+        returns the summary of the last step."""
         t = self.config.train
         if self.load_dir is not None:
             self._load()
         window, last = MetricsWindow(), {}
         with self._start_logs() as logger, self._progress_bar() as bar:
-            while self.state.step < self.layout.total_steps:
+            while self.state.step < self.layout.total_steps and not self._stop_agreed():
                 m = self.train_step()
                 window.add(m, self.layout.tokens_per_step)
                 if m["skipped"]:
@@ -293,10 +291,34 @@ class Trainer:
                 if self.state.step % t.save_every == 0 or final:
                     self.save()
                 self.hooks.after_step(self.state.step)
+            if self.stopped_by is not None:
+                self._save_on_stop(logger, bar)
         summary = {"step": self.state.step, "tokens": self.state.tokens, "checkpoint": self.last_tag, **last}
+        if self.stopped_by is not None:
+            summary["stopped_by"] = self.stopped_by
         if self.layout.is_main:
             summary["checkpoints"] = complete_tags(self.checkpointer.dir)
         return summary
+
+    def _stop_agreed(self) -> bool:
+        """Collective, before every iteration: has any rank received a stop signal?"""
+        self.stopped_by = self.stop.agreed()
+        return self.stopped_by is not None
+
+    def _save_on_stop(self, logger: RunLogger, bar) -> None:
+        """Save the state the ranks stopped at (unless that very state is saved already), log a `stop`
+        record and leave the stop record for the launcher (lmstack.train.stop)."""
+        if self.state.iteration != self.saved_iteration:
+            self.save()
+        tag_dir = str(self.checkpointer.dir / self.last_tag) if self.last_tag else None
+        record = {"signal": self.stopped_by, "iteration": self.state.iteration, "checkpoint": tag_dir}
+        logger.log("stop", self.state.step, record)
+        if self.layout.is_main:
+            where = f"checkpoint {self.last_tag}" if self.last_tag else "nothing trained yet, no checkpoint"
+            bar.write(
+                f"{self.stopped_by}: stopped at step {self.state.step} ({where}); continue with --resume auto"
+            )
+        write_stop_record({"step": self.state.step, **record})
 
     def _start_logs(self) -> RunLogger:
         """The run's resolved config.yaml and its logger; a run that starts logs a `run` record."""
@@ -391,16 +413,18 @@ def train(
     source_factory=prepared_source,
     hooks: TrainHooks | None = None,
 ) -> dict[str, Any]:
-    """Train `config` (see lmstack.train); returns a summary of the final step. `hooks`: the loop's
-    hook points (default: the faults of `LMSTACK_FAULT`, if set; lmstack.train.faults)."""
+    """Train `config` (see lmstack.train); returns a summary of the final step (with `stopped_by`, the
+    signal's name, when a stop signal ended it early: lmstack.train.stop). `hooks`: the loop's hook
+    points (default: the faults of `LMSTACK_FAULT`, if set; lmstack.train.faults). While it runs, the
+    run directory is locked against a second training (lmstack.train.run_dir)."""
     import torch.distributed as dist
 
     owns_group = not dist.is_initialized()  # a caller's process group is left as it is
-    try:
-        trainer = Trainer(
-            config, resume=resume, source_factory=source_factory, hooks=hooks or hooks_from_env()
-        )
-        return trainer.run()
-    finally:
-        if owns_group:
-            distributed.destroy()
+    rank = RunLayout.resolve(config).rank
+    with StopRequest(config.train.stop_signals) as stop, RunDirLock(Path(config.train.run_dir), rank):
+        try:
+            trainer = Trainer(config, resume, source_factory, hooks or hooks_from_env(), stop)
+            return trainer.run()
+        finally:
+            if owns_group:
+                distributed.destroy()

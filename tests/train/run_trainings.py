@@ -1,8 +1,10 @@
 """Runs several trainings one after the other in one process (group): `run_trainings.py JSON`, JSON a
-list of {"overrides": [...], "resume": null|"auto", "source": null|"masked_labels"}. Used by the
+list of {"overrides": [...], "resume": null|"auto", "source": null|"masked_labels"|"term_at_start"}. Used by the
 tests, alone or under torchrun."""
 
 import json
+import os
+import signal
 import sys
 
 from aux_probe import register_probe
@@ -40,7 +42,17 @@ def masked_labels_source(config, rank, world, micro_batch):
     return source
 
 
-SOURCES = {None: prepared_source, "masked_labels": masked_labels_source}
+def term_at_start_source(config, rank, world, micro_batch):
+    """The prepared source, after a SIGTERM to this process: a stop signal before the first step."""
+    os.kill(os.getpid(), signal.SIGTERM)
+    return prepared_source(config, rank, world, micro_batch)
+
+
+SOURCES = {
+    None: prepared_source,
+    "masked_labels": masked_labels_source,
+    "term_at_start": term_at_start_source,
+}
 
 if __name__ == "__main__":
     register_probe()  # the test-only `probe` mixer (aux losses), available to every run

@@ -81,6 +81,7 @@ def test_resaving_the_latest_step_never_leaves_latest_dangling(tmp_path, monkeyp
     from lmstack.train import checkpoint as ckpt
 
     monkeypatch.setattr(ckpt.distributed, "barrier", lambda: None)
+    monkeypatch.setattr(ckpt.distributed, "reduce_int", lambda value, op: int(value))
 
     class Engine:
         def save_checkpoint(self, directory, tag, client_state, save_latest):
