@@ -112,7 +112,7 @@ def _field(config: Any, dotted: str) -> Any:
 def train_run(run: Run, log: Callable[[str], None]) -> dict[str, Any]:
     """`lmstack train CONFIG overrides --resume auto` in a child process (its output in train.log),
     then the run's figures from metrics.jsonl."""
-    from lmstack.train.checkpoint import complete_tags
+    from lmstack.checkpoint import complete_tags
 
     tags = complete_tags(run.run_dir / "checkpoints")
     if tags:
