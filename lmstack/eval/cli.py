@@ -20,7 +20,7 @@ def _add_harness(sub) -> None:
         + "; ".join(f"{k} = {', '.join(v)}" for k, v in PRESETS.items()),
     )
     p.add_argument(
-        "model", help="exported model folder, or a checkpoint / run directory (exported on the fly)"
+        "model", help="exported model folder, or a checkpoint / run directory (read as its export would be)"
     )
     p.add_argument(
         "--tasks", nargs="+", default=["paper"], help="task names or presets, space or comma separated"
