@@ -48,7 +48,7 @@ def worker(mixer: str, export: str, data: str, seq_len: int, batch_size: int, se
 
     import lmstack_kernels.common.checks as checks
     from lmstack.data.reader import TrainReader
-    from lmstack.eval.ppl import load_lm
+    from lmstack.eval.loading import load_model
     from lmstack.model import BatchContext
     from lmstack.parallel import build_layout
 
@@ -60,7 +60,7 @@ def worker(mixer: str, export: str, data: str, seq_len: int, batch_size: int, se
     for _ in range(step):
         reader.next_batch()
     batch = reader.next_batch()
-    model = load_lm(export)[0].float().train()
+    model = load_model(export, hf=False, device="cpu").model.train()
     total = int((batch.labels != -100).sum())
     n = seq_len // world
     cols = slice(rank * n, (rank + 1) * n)

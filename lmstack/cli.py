@@ -108,9 +108,8 @@ def cmd_plot(args: argparse.Namespace) -> None:
 def cmd_compare(args: argparse.Namespace) -> None:
     import shlex
 
-    from lmstack.eval.cli import json_object
+    from lmstack.eval.cli import json_object, parse_list
     from lmstack.eval.compare import CompareSettings, markdown, run_compare
-    from lmstack.eval.mqar import parse_list
 
     configs = [c for c in args.configs if "=" not in c]
     overrides = [c for c in args.configs if "=" in c]

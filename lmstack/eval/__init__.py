@@ -1,6 +1,7 @@
 """Evaluation: lm-eval zero-shot tasks on exports (`harness`), Zoology's MQAR associative-recall
 sweep (`mqar`), held-out perplexity on prepared data (`ppl`), and `compare` (several mixers or
-configs trained on the same budget, measured and reported side by side). The CLI is `lmstack eval`
+configs trained on the same budget, measured and reported side by side); `loading` reads a model from
+an export, a run directory or a checkpoint for all of them. The CLI is `lmstack eval`
 (arguments in `lmstack.eval.cli`) and `lmstack compare`. Submodules are imported on use: lm-eval is heavy to import."""
 
 import contextlib

@@ -20,7 +20,7 @@ def _add_harness(sub) -> None:
         + "; ".join(f"{k} = {', '.join(v)}" for k, v in PRESETS.items()),
     )
     p.add_argument(
-        "model", help="exported model folder, or a checkpoint / run directory (exported on the fly)"
+        "model", help="exported model folder, or a checkpoint / run directory (read as its export would be)"
     )
     p.add_argument(
         "--tasks", nargs="+", default=["paper"], help="task names or presets, space or comma separated"
@@ -119,6 +119,16 @@ def _add_mqar(sub) -> None:
     p.set_defaults(func=cmd_mqar)
 
 
+def parse_list(text: str | None, cast=float, flag: str = "list") -> list | None:
+    """`a,b,c` -> [cast(a), cast(b), cast(c)]; a bad item is a one-line error naming `flag`."""
+    if text is None:
+        return None
+    try:
+        return [cast(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise LMStackError(f"{flag}: expected comma-separated {cast.__name__} values, got {text!r}") from None
+
+
 def json_object(text: str | None, flag: str, what: str = "a JSON object") -> dict | None:
     """The JSON object given to `flag` (None when empty); anything else is a one-line error."""
     if not text:
@@ -137,9 +147,9 @@ def cmd_mqar(args: argparse.Namespace) -> None:
 
     cfg = mqar.sweep_config(
         args.preset,
-        mixers=mqar.parse_list(args.mixers, str, "--mixers"),
-        d_models=mqar.parse_list(args.d_models, int, "--d-models"),
-        lrs=mqar.parse_list(args.lrs, float, "--lrs"),
+        mixers=parse_list(args.mixers, str, "--mixers"),
+        d_models=parse_list(args.d_models, int, "--d-models"),
+        lrs=parse_list(args.lrs, float, "--lrs"),
         vocab_size=args.vocab_size,
         seq_len=args.seq_len,
         num_kv_pairs=args.num_kv_pairs,

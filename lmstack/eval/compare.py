@@ -112,7 +112,7 @@ def _field(config: Any, dotted: str) -> Any:
 def train_run(run: Run, log: Callable[[str], None]) -> dict[str, Any]:
     """`lmstack train CONFIG overrides --resume auto` in a child process (its output in train.log),
     then the run's figures from metrics.jsonl."""
-    from lmstack.train.checkpoint import complete_tags
+    from lmstack.checkpoint import complete_tags
 
     tags = complete_tags(run.run_dir / "checkpoints")
     if tags:
@@ -180,10 +180,10 @@ def ppl_run(run: Run, log: Callable[[str], None]) -> dict[str, Any]:
 
 def state_run(run: Run, log: Callable[[str], None]) -> dict[str, Any]:
     """Elements of one sequence's decoding state (all layers) after data.seq_len tokens."""
+    from lmstack.eval.loading import load_model
     from lmstack.eval.mqar import state_size
-    from lmstack.eval.ppl import load_lm
 
-    model, _ = load_lm(run.run_dir / "hf")
+    model = load_model(run.run_dir / "hf", hf=False, device="cpu").model
     T = run.config.data.seq_len
     return {"seq_len": T, "elements": state_size(model, T, layer=None), "params": model.num_params(False)}
 

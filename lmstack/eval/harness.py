@@ -1,8 +1,8 @@
 """Zero-shot evaluation through lm-eval's Python API (lm-eval is pinned in pyproject.toml).
 
-`lmstack eval harness MODEL --tasks paper` loads an exported model folder (or a trainer checkpoint /
-run directory, exported on the fly with lmstack.export), wraps it in lm-eval's `HFLM`, runs the
-tasks and reports the conventional metric of each task as JSON and as a Markdown table.
+`lmstack eval harness MODEL --tasks paper` loads an exported model folder or a trainer checkpoint /
+run directory (`lmstack.eval.loading.load_model`), wraps it in lm-eval's `HFLM`, runs the tasks and
+reports the conventional metric of each task as JSON and as a Markdown table.
 
 - Presets: `paper` (the zero-shot suite of the linear-attention papers), `extended` (+ boolq, sciq,
   openbookqa, copa), `offline` (the local task pack in evals/tasks, no downloads).
@@ -19,13 +19,11 @@ import json
 import logging
 import os
 import re
-import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lmstack.dtypes import parse_dtype
 from lmstack.errors import LMStackError
+from lmstack.eval.loading import load_model
 
 PRESETS: dict[str, list[str]] = {
     "paper": ["wikitext", "lambada_openai", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge"],
@@ -161,83 +159,7 @@ def load_task_dict(names: list[str], extra_include: list[str] | None = None) -> 
     return tasks
 
 
-# --- the model -------------------------------------------------------------------------------------
-
-
-@dataclass
-class LoadedModel:
-    model: Any  # a transformers PreTrainedModel (LMStackForCausalLM or any causal LM)
-    tokenizer: Any
-    add_bos: bool | None  # what training did (None: unknown; lm-eval's default then)
-    source: str
-    notes: list[str] = field(default_factory=list)
-
-
-def training_add_bos(model_dir: str | Path, tokenizer: Any) -> bool | None:
-    """Whether training put BOS before every document. The data pipeline writes the tokenizer that
-    travels with checkpoints and exports so that encoding prepends BOS exactly when the data set was
-    prepared with `add_bos` (lmstack.data.tokenizer), so the tokenizer itself answers.
-    None when the tokenizer has no BOS token (lm-eval's default then applies)."""
-    del model_dir  # the tokenizer was loaded from it
-    bos = getattr(tokenizer, "bos_token_id", None)
-    if bos is None:
-        return None
-    ids = tokenizer("x", add_special_tokens=True)["input_ids"]
-    return bool(ids) and ids[0] == bos
-
-
-def is_export_dir(path: Path) -> bool:
-    return (path / "config.json").is_file() and any(
-        (path / f).is_file()
-        for f in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
-    )
-
-
-def export_on_the_fly(checkpoint: Path, out_dir: Path) -> Path:
-    """Export a trainer checkpoint (or run directory) to `out_dir` with lmstack.export."""
-    try:
-        from lmstack.export import exporter
-    except ImportError as err:
-        raise LMStackError(
-            f"{checkpoint}: not an exported model folder, and lmstack.export cannot export it ({err})"
-        ) from None
-    for fn_name in ("export_checkpoint", "export"):
-        fn = getattr(exporter, fn_name, None)
-        if fn is not None:
-            fn(str(checkpoint), str(out_dir))
-            return out_dir
-    raise LMStackError("lmstack.export.exporter has no export_checkpoint()")
-
-
-def load_model(model_path: str | Path, dtype: str = "float32", device: str | None = None) -> LoadedModel:
-    """An exported folder, or a checkpoint / run directory exported on the fly (to a temporary
-    folder, removed once the model is in memory)."""
-    path = Path(model_path)
-    if not path.exists():
-        raise LMStackError(f"{path}: no such model folder or checkpoint")
-    if is_export_dir(path):
-        return _load_export(path, dtype, device, str(model_path), [])
-    with tempfile.TemporaryDirectory(prefix="lmstack-eval-export-") as tmp:
-        export_on_the_fly(path, Path(tmp))
-        return _load_export(Path(tmp), dtype, device, str(model_path), [f"exported {path} on the fly"])
-
-
-def _load_export(path: Path, dtype: str, device: str | None, source: str, notes: list[str]) -> LoadedModel:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from lmstack.export.hf import register_auto_classes
-
-    register_auto_classes()
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=parse_dtype(dtype, allow_auto=True))
-        tok_dir = path / "tokenizer" if (path / "tokenizer" / "tokenizer_config.json").is_file() else path
-        tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
-    except (OSError, ValueError) as err:
-        raise LMStackError(f"{path}: cannot load the exported model or its tokenizer: {err}") from None
-    model.to(device).eval()
-    return LoadedModel(model, tokenizer, training_add_bos(path, tokenizer), source, notes)
+# --- the model in lm-eval (loaded by lmstack.eval.loading) -----------------------------------------
 
 
 def make_lm(
@@ -401,7 +323,7 @@ def run_harness(
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     names = expand_tasks(tasks)
     task_dict = load_task_dict(names, include)  # fail on missing data before loading the model
-    loaded = load_model(model_path, dtype, device)
+    loaded = load_model(model_path, dtype, hf=True, device=device)
     for note in loaded.notes:
         log(note)
     bos = loaded.add_bos if add_bos is None else add_bos

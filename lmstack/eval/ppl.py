@@ -1,8 +1,9 @@
 """Perplexity on the held-out split of prepared data (`lmstack eval ppl`).
 
 Reads every token of the validation split once (`lmstack.data.ValReader`: fixed-length rows of the
-split's token stream, documents marked), runs the lmstack `LM` with the same document masking as
-training, and reports the mean next-token loss, perplexity and bits per token.
+split's token stream, documents marked), runs the lmstack `LM` (of an export or a checkpoint, read by
+`lmstack.eval.loading.load_model`) with the same document masking as training, and reports the mean
+next-token loss, perplexity and bits per token.
 """
 
 from __future__ import annotations
@@ -17,31 +18,7 @@ import torch
 
 from lmstack.dtypes import parse_dtype
 from lmstack.errors import LMStackError
-
-
-def load_lm(model_path: str | Path):
-    """-> (LM, RunConfig or None): an exported folder (its `LMStackForCausalLM.model`), or a trainer
-    checkpoint / run directory / plain model directory (via lmstack.export)."""
-    from lmstack.eval.harness import is_export_dir
-
-    path = Path(model_path)
-    if not path.exists():
-        raise LMStackError(f"{path}: no such model folder or checkpoint")
-    if is_export_dir(path):
-        from transformers import AutoModelForCausalLM
-
-        from lmstack.export.hf import register_auto_classes
-
-        register_auto_classes()
-        hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
-        lm = getattr(hf, "model", None)
-        if lm is None or not hasattr(lm, "blocks"):
-            raise LMStackError(f"{path}: not an lmstack export (model_type {hf.config.model_type})")
-        return lm.eval(), None
-    from lmstack.export.checkpoint import load_checkpoint_model
-
-    lm, run_config, _ = load_checkpoint_model(path)
-    return lm.eval(), run_config
+from lmstack.eval.loading import default_device, load_model
 
 
 @torch.no_grad()
@@ -111,14 +88,15 @@ def run_ppl(
 ) -> dict[str, Any]:
     """The work behind `lmstack eval ppl`."""
     torch_dtype = parse_dtype(dtype)
-    lm, run_config = load_lm(model_path)
+    device = default_device(device)
+    loaded = load_model(model_path, dtype, hf=False, device=device)
+    lm, run_config = loaded.model, loaded.run_config
     if data_dir is None:
         if run_config is None:
             raise LMStackError("--data: give the prepared data folder (the model folder does not name one)")
         data_dir = run_config.data.path
     if seq_len is None:
         seq_len = run_config.data.seq_len if run_config is not None else lm.config.max_seq_len
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     result = perplexity(lm, data_dir, seq_len, batch_size, max_batches, split, device, torch_dtype)
     result["model"] = str(model_path)
     log(

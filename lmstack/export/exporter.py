@@ -43,7 +43,8 @@ class ExportResult:
     notes: list[str] = field(default_factory=list)
 
 
-def _special_token_ids(model: LM, tokenizer) -> dict[str, int | None]:
+def special_token_ids(model: LM, tokenizer) -> dict[str, int | None]:
+    """BOS/EOS/PAD ids of the export: the model config's, else the tokenizer's."""
     ids = {k: getattr(model.config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     if tokenizer is not None:
         for key in ids:
@@ -58,8 +59,9 @@ def _probe_ids(model: LM) -> torch.Tensor:
     return torch.randint(0, model.config.vocab_size, (2, T), generator=g)
 
 
-def _write_lmstack(model: LM, out: Path, max_shard_size: str | int, token_ids: dict) -> None:
-    from lmstack.export.bundle import bundle_code
+def hf_wrapper(model: LM, token_ids: dict[str, int | None]):
+    """`LMStackForCausalLM` around `model` itself (no copy, no re-initialisation), with the config
+    and generation config an export holds: what loading the export gives, without writing it."""
     from lmstack.export.hf import LMStackConfig, LMStackForCausalLM
 
     config = LMStackConfig.from_model_config(model.config)
@@ -72,10 +74,16 @@ def _write_lmstack(model: LM, out: Path, max_shard_size: str | int, token_ids: d
     config.architectures = ["LMStackForCausalLM"]
     with torch.device("meta"):
         hf_model = LMStackForCausalLM(config)
-    hf_model.model = model  # wrap the trained LM itself: no copy, no re-initialisation
+    hf_model.model = model
     for key, value in token_ids.items():
         setattr(hf_model.generation_config, key, value)
-    hf_model.save_pretrained(out, max_shard_size=max_shard_size)
+    return hf_model
+
+
+def _write_lmstack(model: LM, out: Path, max_shard_size: str | int, token_ids: dict) -> None:
+    from lmstack.export.bundle import bundle_code
+
+    hf_wrapper(model, token_ids).save_pretrained(out, max_shard_size=max_shard_size)
     bundle = bundle_code()
     bundle.write(out)
     (out / "README.md").write_text(_model_card(model, bundle))
@@ -106,8 +114,9 @@ out = model.generate(**tokenizer("Hello", return_tensors="pt"), max_new_tokens=2
 ```
 
 Where lmstack is installed, `import lmstack` registers the classes and `trust_remote_code` is not
-needed. Generation keeps each layer's own decoding state (KV cache or recurrent state); prompts
-with padding are not supported while decoding with the cache: generate them one at a time.
+needed. Generation keeps each layer's own decoding state (KV cache or recurrent state). Batches of
+prompts generate together when left-padded (`tokenizer.padding_side = "left"`; the pads of a row
+are a document of their own), with the same tokens as generating each prompt alone.
 """
 
 
@@ -215,7 +224,7 @@ def export_model(
         notes.append("no tokenizer found: exported without tokenizer files")
 
     model = model.float().eval()
-    token_ids = _special_token_ids(model, tokenizer)
+    token_ids = special_token_ids(model, tokenizer)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         max_diff = None

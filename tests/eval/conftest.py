@@ -114,3 +114,45 @@ def exported(tmp_path_factory, prepared, models):
     for name, model in zip(("untrained", "trained"), models):
         out[name] = export_model(model, root / name, tokenizer_dir=Path(cfg.path) / "tokenizer").out_dir
     return out
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory, prepared):
+    """A DeepSpeed (ZeRO 0) checkpoint of a one-step-trained model on the prepared data, laid out as
+    the trainer does, and its export: {"run", "tag", "export", "reference" (the engine's own weights,
+    fp32), "config"}."""
+    import dataclasses
+    import os
+    import shutil
+    import socket
+    import subprocess
+    import sys
+
+    import yaml
+
+    from lmstack.config import RunConfig
+    from lmstack.export.exporter import export_checkpoint
+
+    cfg, index = prepared
+    root = tmp_path_factory.mktemp("eval_checkpoint")
+    run_config = RunConfig(model=tiny_lm(index.vocab_size).config, data=cfg)
+    (root / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(run_config), sort_keys=False))
+    shutil.copytree(Path(cfg.path) / "tokenizer", root / "tokenizer")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    script = REPO / "tests" / "export" / "make_ds_checkpoint.py"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(script), str(root), port, "0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    run = root / "stage0"
+    export = export_checkpoint(run, root / "hf").out_dir
+    reference = torch.load(run / "reference.pt")
+    tag = run / "checkpoints" / "step_00000001"
+    return {"run": run, "tag": tag, "export": export, "reference": reference, "config": run_config}

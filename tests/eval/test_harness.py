@@ -9,6 +9,7 @@ import pytest
 
 from lmstack.errors import LMStackError
 from lmstack.eval import harness
+from lmstack.eval.loading import load_model, training_add_bos
 
 
 def test_expand_tasks_presets_and_commas():
@@ -94,7 +95,7 @@ def test_bos_follows_training(exported):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(exported["trained"]))
-    assert harness.training_add_bos(exported["trained"], tok) is False  # data prepared with add_bos: false
+    assert training_add_bos(tok) is False  # data prepared with add_bos: false
 
 
 def test_harness_offline_both_task_kinds(exported, tmp_path):
@@ -132,7 +133,7 @@ def test_trained_beats_untrained_on_lambada_style_task(exported):
     tasks = harness.load_task_dict(["lmstack_lambada"])
     scores = {}
     for name in ("untrained", "trained"):
-        loaded = harness.load_model(exported[name])
+        loaded = load_model(exported[name])
         lm = harness.make_lm(loaded.model, loaded.tokenizer, loaded.add_bos, batch_size=32)
         res = harness.evaluate(lm, tasks)["results"]["lmstack_lambada"]
         scores[name] = (res["perplexity,none"], res["acc,none"])
@@ -167,7 +168,7 @@ def test_lm_eval_framing_matches_training(tmp_path, add_bos):
     )
     index = prepare_data(cfg, progress=False)
     tok = AutoTokenizer.from_pretrained(str(tmp_path / "d" / "tokenizer"))
-    assert harness.training_add_bos(tmp_path, tok) is add_bos
+    assert training_add_bos(tok) is add_bos
     from lmstack.export.hf import LMStackConfig, LMStackForCausalLM
 
     model = LMStackForCausalLM(
@@ -202,7 +203,7 @@ def test_harness_loglikelihoods_equal_direct_log_softmax_sums(exported, mc_reque
     import torch.nn.functional as F
     from lm_eval.api.instance import Instance
 
-    loaded = harness.load_model(exported["trained"])
+    loaded = load_model(exported["trained"])
     lm = harness.make_lm(loaded.model, loaded.tokenizer, loaded.add_bos, batch_size=batch_size)
     requests = [
         Instance(request_type="loglikelihood", doc={}, arguments=pair, idx=i)
@@ -224,7 +225,7 @@ def test_lm_eval_generate_until_is_the_same_at_batch_1_and_8(exported, mc_reques
     continuations equal those generated one context at a time."""
     from lm_eval.api.instance import Instance
 
-    loaded = harness.load_model(exported["trained"])
+    loaded = load_model(exported["trained"])
     until = {"until": ["\n\n"], "max_gen_toks": 8, "do_sample": False}
     # contexts of different lengths, so that the batch holds padding
     contexts = [context[: 40 + 23 * i] for i, (context, _) in enumerate(mc_requests[::4][:8])]

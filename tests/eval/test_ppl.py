@@ -89,14 +89,51 @@ def test_run_ppl_on_export(exported, prepared):
     assert res["tokens"] > 0 and res["perplexity"] > 1
 
 
-def test_cli_harness_exports_a_checkpoint_on_the_fly(model_dir, tmp_path, capsys):
+def test_checkpoint_scores_the_perplexity_of_its_export(checkpoint, prepared):
+    """A DeepSpeed checkpoint (its run dir: data and seq_len from the run config) and its export score
+    what the engine's own weights in a freshly built LM score."""
+    from lmstack.model import LM
+
+    cfg, _ = prepared
+    from_run = run_ppl(str(checkpoint["run"]), log=lambda m: None)
+    from_export = run_ppl(
+        str(checkpoint["export"]), data_dir=cfg.path, seq_len=cfg.seq_len, log=lambda m: None
+    )
+    model = LM(checkpoint["config"].model)
+    model.load_state_dict(checkpoint["reference"])
+    direct = perplexity(model, cfg.path, seq_len=cfg.seq_len)
+    assert from_run["data"] == cfg.path and from_run["seq_len"] == cfg.seq_len
+    assert from_run["tokens"] == from_export["tokens"] == direct["tokens"] > 0
+    assert from_run["loss"] == pytest.approx(direct["loss"], rel=1e-6, abs=0)
+    assert from_export["loss"] == pytest.approx(direct["loss"], rel=1e-6, abs=0)
+
+
+def test_cli_harness_on_a_checkpoint_equals_its_export(model_dir, exported, tmp_path, capsys):
+    """`eval harness` reads a checkpoint as its export would be read: the same lm-eval results."""
     from lmstack.cli import main
 
-    main(["eval", "harness", str(model_dir), "--tasks", "lmstack_mc", "--limit", "8", "-o", str(tmp_path)])
+    for name, path in (("checkpoint", model_dir), ("export", exported["trained"])):
+        main(
+            [
+                "eval",
+                "harness",
+                str(path),
+                "--tasks",
+                "lmstack_mc",
+                "--limit",
+                "8",
+                "-o",
+                str(tmp_path / name),
+            ]
+        )
     out = capsys.readouterr()
     assert "| lmstack_mc | acc (%) |" in out.out
-    assert "exported" in out.err
-    assert json.loads((tmp_path / "harness.json").read_text())["n_samples"]["lmstack_mc"]["effective"] == 8
+    assert f"loaded the checkpoint {model_dir} (not an export)" in out.err
+    checkpoint, export = (
+        json.loads((tmp_path / n / "harness.json").read_text()) for n in ("checkpoint", "export")
+    )
+    assert checkpoint["n_samples"]["lmstack_mc"]["effective"] == 8
+    assert checkpoint["results"] == export["results"] and checkpoint["settings"] == export["settings"]
 
 
 def test_cli_ppl(model_dir, capsys):

@@ -112,6 +112,8 @@ def test_bundle_files(exported: dict, tokenizer_dir: Path) -> None:
         assert (out / name).is_file(), name
     generation = json.loads((out / "generation_config.json").read_text())
     assert generation["eos_token_id"] == 0  # <|endoftext|>, taken from the tokenizer
+    card = " ".join((out / "README.md").read_text().split())
+    assert "left-padded" in card and "not supported" not in card  # batched generation works (test_hf)
     # The bundled code imports nothing from lmstack: every internal import became a flat relative one.
     for path in out.glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
