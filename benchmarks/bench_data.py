@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 def _corpus(copies: int, workdir: Path) -> Path:
     """The embedded corpus, repeated `copies` times, as a Pile-format jsonl.zst file."""
-    from lmstack.data.sources import DEFAULT_CORPUS
+    from lmstack.data.sources.default import DEFAULT_CORPUS
 
     if copies == 1:
         return DEFAULT_CORPUS
@@ -82,7 +82,7 @@ def _rates(dt: float, cpu: float, n_bytes: int, n_tokens: int) -> dict:
 def run_baseline(corpus: str, tokenizer: str) -> dict:
     from tokenizers import Tokenizer
 
-    from lmstack.data.sources import iter_jsonl
+    from lmstack.data.sources.jsonl import iter_jsonl
 
     tok = Tokenizer.from_file(tokenizer)
     t0, c0 = time.perf_counter(), _cpu_seconds()
@@ -109,7 +109,7 @@ def run_prepare(corpus: str, tokenizer: str, workers: int, out: str) -> dict:
     cfg = _cfg(
         path=out,
         source="pile",
-        inputs=[corpus],
+        source_options={"pile": {"inputs": [corpus]}},
         tokenizer=tokenizer,
         num_workers=workers,
         val_fraction=0.02,
@@ -213,7 +213,8 @@ def main() -> None:
         return
 
     from lmstack.data import build_tokenizer
-    from lmstack.data.sources import DEFAULT_CORPUS, iter_jsonl
+    from lmstack.data.sources.default import DEFAULT_CORPUS
+    from lmstack.data.sources.jsonl import iter_jsonl
 
     cores = os.cpu_count() or 1
     load_before = os.getloadavg()

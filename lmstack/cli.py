@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "prepare-data",
         help="tokenize the text of the config's data section into token shards under data.path",
-        description="Tokenize text (data.source/inputs) with data.tokenizer into memory-mapped shards, an "
+        description="Tokenize text (data.source, data.source_options) with data.tokenizer into memory-mapped shards, an "
         "index and a validation split under data.path; a re-run skips finished shards.",
     )
     add_config_args(p)

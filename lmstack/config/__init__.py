@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from lmstack.config.schema import DataConfig, ParallelConfig, RunConfig, TrainConfig
+from lmstack.config.schema import DataConfig, ParallelConfig, RunConfig, TrainConfig, move_flat_source_keys
 from lmstack.errors import ConfigError
 from lmstack.model.config import ModelConfig
 from lmstack.model.schema import from_dict, unknown_key_message
@@ -74,6 +74,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
         if key not in sections:
             raise ConfigError(f"{source}: {unknown_key_message(str(key), sections)}")
     try:
+        if isinstance(data.get("data"), dict):
+            move_flat_source_keys(data["data"])
         return from_dict(RunConfig, data)
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import signal
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from lmstack.errors import ConfigError
 from lmstack.model.config import ModelConfig
+from lmstack.model.schema import from_dict
 
 # Signal names `train.stop_signals` accepts: every one this platform has but SIGKILL and SIGSTOP (which
 # no process can catch), those that report the process's own faults, and SIGCHLD and SIGCONT (sent
@@ -38,21 +39,12 @@ class DataConfig:
     seed: int = 1234
 
     # --- prepare-data: the text ---------------------------------------------------------------
-    # default: the Shakespeare corpus shipped in lmstack/data/corpus; jsonl/pile: .jsonl or .jsonl.zst
-    # files (Pile format {"text", "meta": {"pile_set_name"}}); text: plain .txt(.zst) files;
-    # hf: a `datasets` data set (inputs[0] is a hub name or a local path).
-    source: Literal["default", "jsonl", "pile", "text", "hf"] = "default"
-    # Files, folders or glob patterns (jsonl/pile/text), or the data set name/path (hf).
-    inputs: list[str] = field(default_factory=list)
-    # Field holding the text (jsonl lines, hf column).
-    text_key: str = "text"
-    # Keep only these Pile subsets (meta.pile_set_name), e.g. ["Pile-CC", "Wikipedia (en)"]; null: all.
-    pile_subsets: list[str] | None = None
-    # Plain text: one document per file, per blank-line-separated paragraph, or per line.
-    text_doc_split: Literal["file", "blank_lines", "line"] = "file"
-    hf_config: str | None = None
-    hf_split: str = "train"
-    hf_streaming: bool = False
+    # A registered data source (lmstack.data.sources): default (the Shakespeare corpus shipped in
+    # lmstack/data/corpus), jsonl, pile, text or hf; its options go under source_options.<name>.
+    source: str = "default"
+    # Options per source, e.g. {pile: {inputs: [...], subsets: [...]}}; sources not chosen are only
+    # type-checked.
+    source_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     # Stop after this many documents (null: all); handy for quick runs and benchmarks.
     max_documents: int | None = None
 
@@ -88,10 +80,7 @@ class DataConfig:
             fail("path", "expected a folder for the prepared data, got an empty string")
         if self.seq_len < 1:
             fail("seq_len", f"expected a positive integer, got {self.seq_len}")
-        if self.source != "default" and not self.inputs:
-            fail("inputs", f"source '{self.source}' needs at least one file, folder, pattern or data set")
-        if self.source == "hf" and len(self.inputs) != 1:
-            fail("inputs", f"source 'hf' takes exactly one data set name or path, got {len(self.inputs)}")
+        self._validate_source(prefix)
         if self.max_documents is not None and self.max_documents < 1:
             fail("max_documents", f"expected a positive integer or null, got {self.max_documents}")
         if not self.tokenizer:
@@ -108,6 +97,60 @@ class DataConfig:
             fail("num_workers", f"expected 0 (one per core) or a positive integer, got {self.num_workers}")
         if self.batch_docs < 1:
             fail("batch_docs", f"expected a positive integer, got {self.batch_docs}")
+
+    def _validate_source(self, prefix: str) -> None:
+        from lmstack.data.sources import get_source, open_source
+
+        names = {"source": self.source, **{f"source_options.{n}": n for n in self.source_options}}
+        for where, name in names.items():
+            try:
+                cls = get_source(name)
+            except ConfigError as err:
+                raise ConfigError(f"{prefix}{where}: {err}") from None
+            from_dict(cls.Options, self.source_options.get(name, {}), f"{prefix}source_options.{name}.")
+        open_source(self, prefix).validate()
+
+
+def move_flat_source_keys(data: dict[str, Any], prefix: str = "data.") -> None:
+    """Move the flat source fields of configs written before the source registry (`data.inputs`,
+    `data.hf_split`, ...: each source's `flat_keys`) onto `data.source_options.<source>`, in place.
+    Refused, naming the new key: a flat value that differs from one set there too, and a value other
+    than the default for a key the chosen source does not read (dropped when it is the default)."""
+    from lmstack.data.sources import SOURCES, get_source
+
+    readers: dict[str, list[tuple[str, str]]] = {}
+    for src, cls in SOURCES.items():
+        for flat, key in cls.flat_keys.items():
+            readers.setdefault(flat, []).append((src, key))
+    name = data.get("source", DataConfig.source)
+    options = data.get("source_options", {})
+    flat_keys = [k for k in data if k in readers]
+    if not flat_keys or not isinstance(name, str) or not isinstance(options, dict):
+        return  # nothing to move, or from_dict names the wrong type
+    try:
+        own = get_source(name).flat_keys
+    except ConfigError as err:
+        raise ConfigError(f"{prefix}source: {err}") from None
+    for flat in flat_keys:
+        value = data.pop(flat)
+        if flat in own:
+            key, new = own[flat], f"{prefix}source_options.{name}.{own[flat]}"
+            section = options.setdefault(name, {})
+            if not isinstance(section, dict):
+                raise ConfigError(f"{prefix}source_options.{name}: expected a mapping, got {section!r}")
+            if key in section and section[key] != value:
+                raise ConfigError(
+                    f"{prefix}{flat}: {value!r} conflicts with {new}: {section[key]!r} "
+                    f"({prefix}{flat} is the old form of {new}; set only {new})"
+                )
+            section[key] = value
+            data["source_options"] = options
+        elif value != getattr(SOURCES[readers[flat][0][0]].Options(), readers[flat][0][1]):
+            new = " or ".join(f"{prefix}source_options.{s}.{k}" for s, k in sorted(readers[flat]))
+            raise ConfigError(
+                f"{prefix}{flat}: source '{name}' does not read it (it is now {new}); remove it or "
+                f"set {prefix}source to a source that reads it"
+            )
 
 
 @dataclass

@@ -34,7 +34,7 @@ _EXPORTS = {
     "load_data_tokenizer": "lmstack.data.tokenizer",
     "load_hf_tokenizer": "lmstack.data.tokenizer",
     "iter_documents": "lmstack.data.sources",
-    "DEFAULT_CORPUS": "lmstack.data.sources",
+    "DEFAULT_CORPUS": "lmstack.data.sources.default",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -40,7 +40,7 @@ from lmstack.data.shards import (
     read_shard_record,
     shard_name,
 )
-from lmstack.data.sources import check_inputs, describe_source, iter_documents
+from lmstack.data.sources import describe_source, iter_documents, open_source
 from lmstack.data.tokenizer import DataTokenizer, build_tokenizer
 from lmstack.errors import LMStackError
 
@@ -265,7 +265,7 @@ def prepare_data(cfg: DataConfig, *, progress: bool = True, log=None) -> DataInd
     if log is None:
         log = (lambda msg: print(msg, file=sys.stderr)) if progress else (lambda msg: None)
     out = Path(cfg.path)
-    check_inputs(cfg)  # missing files fail before anything is written or logged
+    open_source(cfg).check()  # missing files fail before anything is written or logged
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -352,7 +352,7 @@ def prepare_data(cfg: DataConfig, *, progress: bool = True, log=None) -> DataInd
             pool.join()
 
     if n_docs == 0:
-        raise LMStackError(f"data.inputs: no documents found in {settings['source']}")
+        raise LMStackError(f"data.source_options.{cfg.source}: no documents found in {settings['source']}")
     if not records["train"]:
         raise LMStackError("data.val_fraction: every document went to the validation split; lower it")
     elapsed = time.perf_counter() - t0

@@ -1,4 +1,5 @@
-"""Typed dataclass <-> plain dict conversion with validation that names the offending field.
+"""Typed dataclass <-> plain dict conversion with validation that names the offending field, and the
+registries of classes that configs name (token mixers, data sources).
 
 Pure Python on purpose: the model configuration travels with exported models, where only torch and
 transformers are installed.
@@ -10,7 +11,8 @@ import dataclasses
 import difflib
 import types
 import typing
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
 
 from lmstack.errors import ConfigError
 
@@ -112,3 +114,28 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
 
 def to_dict(obj: Any) -> dict[str, Any]:
     return dataclasses.asdict(obj)
+
+
+class Registry(dict, Generic[T]):
+    """Classes by the names configs use for them (stable across releases): `@registry.register("name")`
+    adds a class and sets its `name`; `registry.lookup(name)` is the class, or a ConfigError listing
+    the registered names. `kind` names what is registered in messages ("mixer", "data source")."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+
+    def register(self, name: str) -> Callable[[T], T]:
+        def add(cls: T) -> T:
+            if name in self:
+                raise ValueError(f"{self.kind} '{name}' is registered twice")
+            cls.name = name
+            self[name] = cls
+            return cls
+
+        return add
+
+    def lookup(self, name: str) -> T:
+        if name not in self:
+            raise ConfigError(f"unknown {self.kind} '{name}'; registered: {', '.join(sorted(self))}")
+        return self[name]

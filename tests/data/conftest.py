@@ -18,6 +18,6 @@ def prepared(tmp_path_factory, corpus_docs):
 
     root = tmp_path_factory.mktemp("prepared")
     src = write_jsonl(root / "corpus.jsonl", corpus_docs)
-    cfg = data_cfg(root / "data", source="jsonl", inputs=[str(src)])
+    cfg = data_cfg(root / "data", "jsonl", {"inputs": [str(src)]})
     index = prepare_data(cfg, progress=False)
     return cfg, index

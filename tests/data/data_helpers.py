@@ -6,6 +6,8 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
+
 from lmstack.config import DataConfig
 from lmstack.model.schema import from_dict
 
@@ -124,10 +126,13 @@ def write_jsonl(path: Path, docs: list[str], subsets: list[str] | None = None) -
     return path
 
 
-def data_cfg(path: Path, **kw) -> DataConfig:
-    """A validated DataConfig for tiny tests: small BPE, one worker, small shards."""
+def data_cfg(path: Path, source: str = "default", options: dict | None = None, **kw) -> DataConfig:
+    """A validated DataConfig for tiny tests reading `source` with `options` (its
+    data.source_options section): small BPE, one worker, small shards."""
     base = {
         "path": str(path),
+        "source": source,
+        "source_options": {source: options} if options is not None else {},
         "tokenizer": "bpe",
         "vocab_size": 320,
         "num_workers": 1,
@@ -138,3 +143,14 @@ def data_cfg(path: Path, **kw) -> DataConfig:
     }
     base.update(kw)
     return from_dict(DataConfig, base, prefix="data.")
+
+
+def shard_documents(index, split: str) -> list[np.ndarray]:
+    """Every document's tokens of a split, read straight from the shard files."""
+    out = []
+    for info in index.shards(split):
+        tokens = np.fromfile(index.path / info.bin_file, dtype=np.dtype(index.dtype).newbyteorder("<"))
+        starts = np.fromfile(index.path / info.docs_file, dtype="<i8")
+        ends = np.append(starts[1:], len(tokens))
+        out.extend(tokens[a:b].astype(np.int64) for a, b in zip(starts, ends))
+    return out

@@ -19,7 +19,10 @@ def run(argv, capsys):
 def test_prepare_data_cli(tmp_path, capsys):
     src = write_jsonl(tmp_path / "c.jsonl.zst", make_docs(40, seed=2))
     cfg = tmp_path / "run.yaml"
-    cfg.write_text(f"data:\n  source: pile\n  inputs: [{src}]\n  path: {tmp_path / 'd'}\n  vocab_size: 300\n")
+    cfg.write_text(
+        f"data:\n  source: pile\n  source_options: {{pile: {{inputs: [{src}]}}}}\n  path: {tmp_path / 'd'}\n"
+        "  vocab_size: 300\n"
+    )
     main(["prepare-data", str(cfg), "data.num_workers=1", "data.val_fraction=0.1", "-q"])
     out = capsys.readouterr().out
     assert out.startswith(f"prepared {tmp_path / 'd'}: train ") and "vocab 300 (uint16)" in out
@@ -33,14 +36,29 @@ def test_prepare_data_cli(tmp_path, capsys):
     "args, message, alone",
     [
         (
-            ["data.source=pile", "data.inputs=[{tmp}/nope.jsonl.zst]"],
-            "data.inputs[0]: '{tmp}/nope.jsonl.zst': no such file",
+            ["data.source=pile", "data.inputs=[{tmp}/nope.jsonl.zst]"],  # the old flat key names the new one
+            "data.source_options.pile.inputs[0]: '{tmp}/nope.jsonl.zst': no such file",
             1,
         ),
-        (["data.source=pile"], "data.inputs: source 'pile' needs at least one file", 1),
+        (["data.source=pile"], "data.source_options.pile.inputs: source 'pile' needs at least one file", 1),
         (["data.vocab_size=100"], "data.vocab_size: a byte-level BPE needs 260 <= vocab_size, got 100", 1),
+        (
+            ["data.source=piles"],
+            "data.source: unknown data source 'piles'; registered: default, hf, jsonl,",
+            1,
+        ),
+        (
+            ["data.source=text", "data.inputs=[a.txt]", "data.source_options.text.inputs=[b.txt]"],
+            "data.inputs: ['a.txt'] conflicts with data.source_options.text.inputs: ['b.txt']",
+            1,
+        ),
+        (["data.hf_split=test"], "data.hf_split: source 'default' does not read it", 1),
         # found while reading, after the log line that BPE training started
-        (["data.source=jsonl", "data.inputs=[{tmp}/bad.jsonl]"], "{tmp}/bad.jsonl:2: not a JSON line", 0),
+        (
+            ["data.source=jsonl", "data.source_options.jsonl.inputs=[{tmp}/bad.jsonl]"],
+            "{tmp}/bad.jsonl:2: not a JSON line",
+            0,
+        ),
     ],
 )
 def test_prepare_data_bad_input_is_one_line(tmp_path, capsys, args, message, alone):

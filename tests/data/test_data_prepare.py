@@ -8,24 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from data_helpers import data_cfg, make_docs, write_jsonl
+from data_helpers import data_cfg, make_docs, shard_documents, write_jsonl
 
 from lmstack.data import load_data_tokenizer, load_hf_tokenizer, load_index, prepare_data
 from lmstack.data.prepare import split_of, val_period
 from lmstack.data.shards import sha256_file
 from lmstack.data.tokenizer import token_dtype
 from lmstack.errors import LMStackError
-
-
-def shard_documents(index, split: str) -> list[np.ndarray]:
-    """Every document's tokens of a split, read straight from the shard files."""
-    out = []
-    for info in index.shards(split):
-        tokens = np.fromfile(index.path / info.bin_file, dtype=np.dtype(index.dtype).newbyteorder("<"))
-        starts = np.fromfile(index.path / info.docs_file, dtype="<i8")
-        ends = np.append(starts[1:], len(tokens))
-        out.extend(tokens[a:b].astype(np.int64) for a, b in zip(starts, ends))
-    return out
 
 
 def expected_split(docs: list[str], val_fraction: float) -> dict[str, list[str]]:
@@ -38,11 +27,10 @@ def expected_split(docs: list[str], val_fraction: float) -> dict[str, list[str]]
 
 def test_round_trip_on_the_embedded_corpus(tmp_path):
     """decode(encode(text)) == text for real corpus text, read back from the shards."""
-    from lmstack.data.sources import DEFAULT_CORPUS, iter_jsonl
+    from lmstack.data.sources.default import DEFAULT_CORPUS
+    from lmstack.data.sources.jsonl import iter_jsonl
 
-    cfg = data_cfg(
-        tmp_path / "d", source="default", max_documents=12, vocab_size=600, shard_mb=64, val_fraction=0.0
-    )
+    cfg = data_cfg(tmp_path / "d", max_documents=12, vocab_size=600, shard_mb=64, val_fraction=0.0)
     index = prepare_data(cfg, progress=False)
     tok = load_data_tokenizer(index.path)
     docs = [d for _, d in zip(range(12), iter_jsonl([DEFAULT_CORPUS]))]
@@ -87,8 +75,8 @@ def test_workers_give_identical_shards(prepared, tmp_path):
     # same tokenizer (BPE training is not guaranteed bit-identical), two worker processes
     cfg2 = data_cfg(
         tmp_path / "d2",
-        source="jsonl",
-        inputs=cfg.inputs,
+        "jsonl",
+        cfg.source_options["jsonl"],
         num_workers=2,
         tokenizer=str(tmp_path / "tok.json"),
     )
@@ -103,7 +91,7 @@ def test_rerun_skips_finished_and_redoes_half_written(prepared, tmp_path):
     cfg, index = prepared
     work = tmp_path / "copy"
     shutil.copytree(cfg.path, work)
-    cfg2 = data_cfg(work, source="jsonl", inputs=cfg.inputs)
+    cfg2 = data_cfg(work, "jsonl", cfg.source_options["jsonl"])
     again = prepare_data(cfg2, progress=False)
     n_shards = len(index.shards("train")) + len(index.shards("val"))
     assert again.stats["shards_written"] == [] and len(again.stats["shards_skipped"]) == n_shards
@@ -130,14 +118,14 @@ def test_other_settings_into_same_folder_refused(prepared, tmp_path):
     work = tmp_path / "copy"
     shutil.copytree(cfg.path, work)
     with pytest.raises(LMStackError, match=r"other settings.*vocab_size"):
-        prepare_data(data_cfg(work, source="jsonl", inputs=cfg.inputs, vocab_size=400), progress=False)
+        prepare_data(data_cfg(work, "jsonl", cfg.source_options["jsonl"], vocab_size=400), progress=False)
 
 
 def test_jsonl_zst_pile_subsets(tmp_path):
     docs = make_docs(60, seed=3)
     src = write_jsonl(tmp_path / "00.jsonl.zst", docs, subsets=["Pile-CC", "Wikipedia (en)", "ArXiv"])
     cfg = data_cfg(
-        tmp_path / "d", source="pile", inputs=[str(tmp_path)], pile_subsets=["Wikipedia (en)"], val_fraction=0
+        tmp_path / "d", "pile", {"inputs": [str(tmp_path)], "subsets": ["Wikipedia (en)"]}, val_fraction=0
     )
     index = prepare_data(cfg, progress=False)
     tok = load_data_tokenizer(index.path)
@@ -154,9 +142,8 @@ def test_plain_text_and_pretrained_tokenizer_with_bos(prepared, tmp_path):
     tok_file = Path(cfg.path) / "tokenizer.json"
     out = data_cfg(
         tmp_path / "d",
-        source="text",
-        inputs=[str(tmp_path / "*.txt")],
-        text_doc_split="blank_lines",
+        "text",
+        {"inputs": [str(tmp_path / "*.txt")], "doc_split": "blank_lines"},
         tokenizer=str(tok_file),
         add_bos=True,
         val_fraction=0,
@@ -179,7 +166,7 @@ def test_plain_text_and_pretrained_tokenizer_with_bos(prepared, tmp_path):
 def test_datasets_source_local_file(tmp_path):
     docs = make_docs(30, seed=5)
     src = write_jsonl(tmp_path / "local.jsonl", docs)
-    cfg = data_cfg(tmp_path / "d", source="hf", inputs=[str(src)], val_fraction=0)
+    cfg = data_cfg(tmp_path / "d", "hf", {"inputs": [str(src)]}, val_fraction=0)
     index = prepare_data(cfg, progress=False)
     tok = load_data_tokenizer(index.path)
     assert [tok.decode(d[:-1]) for d in shard_documents(index, "train")] == docs
@@ -194,15 +181,15 @@ def test_bad_inputs_are_named(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"text": broken\n')
     with pytest.raises(LMStackError, match=r"bad\.jsonl:2: not a JSON line"):
-        prepare_data(data_cfg(tmp_path / "d", source="jsonl", inputs=[str(bad)]), progress=False)
-    with pytest.raises(LMStackError, match=r"data\.inputs\[1\]: '.*nothing\*\.jsonl'"):
+        prepare_data(data_cfg(tmp_path / "d", "jsonl", {"inputs": [str(bad)]}), progress=False)
+    with pytest.raises(LMStackError, match=r"data\.source_options\.jsonl\.inputs\[1\]: '.*nothing\*\.jsonl'"):
         prepare_data(
-            data_cfg(tmp_path / "e", source="jsonl", inputs=[str(bad), str(tmp_path / "nothing*.jsonl")])
+            data_cfg(tmp_path / "e", "jsonl", {"inputs": [str(bad), str(tmp_path / "nothing*.jsonl")]})
         )
     with pytest.raises(LMStackError, match=r"data\.tokenizer: '.*missing\.json': no such file"):
         prepare_data(
             data_cfg(
-                tmp_path / "f", source="jsonl", inputs=[str(bad)], tokenizer=str(tmp_path / "missing.json")
+                tmp_path / "f", "jsonl", {"inputs": [str(bad)]}, tokenizer=str(tmp_path / "missing.json")
             )
         )
 
@@ -219,8 +206,8 @@ def test_large_vocab_gives_uint32_shards(tmp_path):
     src = write_jsonl(tmp_path / "c.jsonl", docs)
     cfg = data_cfg(
         tmp_path / "d",
-        source="jsonl",
-        inputs=[str(src)],
+        "jsonl",
+        {"inputs": [str(src)]},
         tokenizer=str(tmp_path / "big.json"),
         val_fraction=0,
     )

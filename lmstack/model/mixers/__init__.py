@@ -6,29 +6,12 @@ plus its import line below.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-from lmstack.errors import ConfigError
 from lmstack.model.mixers.base import BatchContext, MixerOutput, NoOptions, TokenMixer
+from lmstack.model.schema import Registry
 
-MIXERS: dict[str, type[TokenMixer]] = {}
-
-
-def register(name: str) -> Callable[[type[TokenMixer]], type[TokenMixer]]:
-    def add(cls: type[TokenMixer]) -> type[TokenMixer]:
-        if name in MIXERS:
-            raise ValueError(f"mixer '{name}' is registered twice")
-        cls.name = name
-        MIXERS[name] = cls
-        return cls
-
-    return add
-
-
-def get_mixer(name: str) -> type[TokenMixer]:
-    if name not in MIXERS:
-        raise ConfigError(f"unknown mixer '{name}'; registered: {', '.join(sorted(MIXERS))}")
-    return MIXERS[name]
+MIXERS: Registry[type[TokenMixer]] = Registry("mixer")
+register = MIXERS.register
+get_mixer = MIXERS.lookup
 
 
 # One line per mixer.
