@@ -35,8 +35,9 @@ STOP_FILE_ENV = "LMSTACK_STOP_FILE"
 
 class StopRequest:
     """Notes the first of `signal_names` this process receives (while installed: use as a context
-    manager, which restores the previous handlers on exit). Outside the main thread, where Python
-    cannot install handlers, nothing is installed and no stop is ever requested."""
+    manager, which restores the previous handlers on exit, or ignores the signals once one was
+    noted). Outside the main thread, where Python cannot install handlers, nothing is installed and
+    no stop is ever requested."""
 
     def __init__(self, signal_names: list[str]) -> None:
         self.names = list(signal_names)
@@ -51,8 +52,12 @@ class StopRequest:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        # After a stop the process is on its way out with EXIT_STOPPED: a signal repeated now (a
+        # launcher's second SIGTERM) must not turn that exit into a death by signal, so the stop signals
+        # are ignored from here on (not noted: Python resets its own handlers to the default when the
+        # interpreter shuts down, SIG_IGN it leaves alone).
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, signal.SIG_IGN if self.seen else handler)
         self._previous.clear()
 
     def _note(self, signum: int, frame: Any) -> None:
