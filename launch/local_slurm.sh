@@ -109,8 +109,13 @@ stop() {
     fi
     rm -f "$DIR/$daemon.pid"
   done
-  # Job processes that outlived slurmd (proctrack/linuxproc tracks them by parentage only).
-  pkill -9 -f "slurmstepd" 2>/dev/null || true
+  # Job steps that outlived slurmd (proctrack/linuxproc tracks them by parentage only): this cluster's
+  # only, known by the SLURM_CONF they inherited from our slurmd.
+  for pid in $(pgrep -f slurmstepd || true); do
+    if tr '\0' '\n' <"/proc/$pid/environ" 2>/dev/null | grep -qx "SLURM_CONF=$CONF"; then
+      kill -9 "$pid" 2>/dev/null || true
+    fi
+  done
 }
 
 case "${1:-}" in

@@ -86,10 +86,12 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from lmstack.train import train
 
-    summary = train(load_run_config(args), resume=args.resume)
+    config = load_run_config(args)
+    summary = train(config, resume=args.resume)
     if "stopped_by" in summary:  # every rank: a launcher requeues on this exit code
-        from lmstack.train.stop import EXIT_STOPPED
+        from lmstack.train.stop import EXIT_STOPPED, ignore_signals
 
+        ignore_signals(config.train.stop_signals)
         sys.exit(EXIT_STOPPED)
     if "checkpoints" in summary:  # the main rank
         line = f"trained {summary['step']} steps, {summary['tokens']:,} tokens"

@@ -177,11 +177,7 @@ class Checkpointer:
         checkpoint and the unfinished folder is removed."""
         tag = tag_for(step)
         tmp = self.dir / (TMP_PREFIX + tag)
-        if self.is_main:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            for stale in self.dir.glob(TMP_PREFIX + "*"):
-                shutil.rmtree(stale, ignore_errors=True)
-        distributed.barrier()
+        self._agree_saved(_attempt(self._clear_leftovers) if self.is_main else None, tmp)
         error = _attempt(
             engine.save_checkpoint, str(self.dir), tag=tmp.name, client_state=client_state, save_latest=False
         )
@@ -194,6 +190,12 @@ class Checkpointer:
             error = _attempt(self._finish, tmp, tag, step, config_yaml, tokenizer_dir)
         self._agree_saved(error, tmp)
         return tag
+
+    def _clear_leftovers(self) -> None:
+        """Rank 0, before a save: the checkpoints folder exists, without unfinished saves in it."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.dir.glob(TMP_PREFIX + "*"):
+            shutil.rmtree(stale, ignore_errors=True)
 
     def _finish(self, tmp: Path, tag: str, step: int, config_yaml: str, tokenizer_dir: Path | None) -> None:
         """Rank 0: complete the folder every rank has written and publish it."""

@@ -5,8 +5,11 @@
 - Under torchrun: `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR/PORT` come from the launcher.
 - Backend: NCCL with CUDA, gloo otherwise.
 - A dead rank: every collective has a timeout (`train.dist_timeout_s`), so the survivors fail with an
-  error instead of hanging; under torchrun the elastic agent also tears down the remaining workers of a
-  node as soon as one exits non-zero, and the other nodes' agents see the rendezvous close.
+  error instead of hanging. Under torchrun the elastic agent also sends the remaining workers of a
+  node SIGTERM as soon as one exits non-zero: a stop signal (lmstack.train.stop), which they only note
+  while blocked in a collective with the dead rank, so the agent kills them after its
+  `--shutdown-timeout` (30 s; launch/torchrun.sh: STOP_GRACE_S); the other nodes' agents see the
+  rendezvous close.
 - DeepSpeed on CPU: its shared-memory communication op is disabled before `init_distributed`, so that
   no C++ extension is JIT-compiled (gloo is used directly).
 """

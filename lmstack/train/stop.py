@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -35,9 +36,8 @@ STOP_FILE_ENV = "LMSTACK_STOP_FILE"
 
 class StopRequest:
     """Notes the first of `signal_names` this process receives (while installed: use as a context
-    manager, which restores the previous handlers on exit, or ignores the signals once one was
-    noted). Outside the main thread, where Python cannot install handlers, nothing is installed and
-    no stop is ever requested."""
+    manager, which restores the previous handlers on exit). Outside the main thread, where Python
+    cannot install handlers, nothing is installed and no stop is ever requested."""
 
     def __init__(self, signal_names: list[str]) -> None:
         self.names = list(signal_names)
@@ -52,12 +52,8 @@ class StopRequest:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        # After a stop the process is on its way out with EXIT_STOPPED: a signal repeated now (a
-        # launcher's second SIGTERM) must not turn that exit into a death by signal, so the stop signals
-        # are ignored from here on (not noted: Python resets its own handlers to the default when the
-        # interpreter shuts down, SIG_IGN it leaves alone).
         for sig, handler in self._previous.items():
-            signal.signal(sig, signal.SIG_IGN if self.seen else handler)
+            signal.signal(sig, handler)
         self._previous.clear()
 
     def _note(self, signum: int, frame: Any) -> None:
@@ -73,6 +69,14 @@ class StopRequest:
         return signal.Signals(seen).name if seen else None
 
 
+def ignore_signals(signal_names: list[str]) -> None:
+    """For a process on its way out with EXIT_STOPPED (`lmstack train`): a signal repeated now (a
+    launcher's second SIGTERM) must not turn that exit into a death by signal. Ignored, not noted:
+    Python resets its own handlers to the default when the interpreter shuts down, SIG_IGN it keeps."""
+    for name in signal_names:
+        signal.signal(signal.Signals[name], signal.SIG_IGN)
+
+
 def write_stop_record(record: dict[str, Any]) -> None:
     """On local rank 0 of each node, when a launcher asked for it (`LMSTACK_STOP_FILE`): the stop
     record, written whole (temporary file, then rename) so that a launcher never reads half of it."""
@@ -81,5 +85,11 @@ def write_stop_record(record: dict[str, Any]) -> None:
         return
     target = Path(path)
     tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(json.dumps(record) + "\n")
-    os.replace(tmp, target)
+    try:
+        tmp.write_text(json.dumps(record) + "\n")
+        os.replace(tmp, target)
+    except OSError as err:  # the checkpoint is saved: only the launcher's hint is lost
+        print(
+            f"lmstack train: warning: {STOP_FILE_ENV}={path}: cannot write the stop record: {err}",
+            file=sys.stderr,
+        )

@@ -49,7 +49,7 @@ def prepared(tmp_path_factory):
         {
             "path": str(root / "data"),
             "source": "jsonl",
-            "inputs": [str(src)],
+            "source_options": {"jsonl": {"inputs": [str(src)]}},
             "tokenizer": "bpe",
             "vocab_size": 512,
             "num_workers": 1,

@@ -160,7 +160,7 @@ def test_lm_eval_framing_matches_training(tmp_path, add_bos):
         {
             "path": str(tmp_path / "d"),
             "source": "jsonl",
-            "inputs": [str(src)],
+            "source_options": {"jsonl": {"inputs": [str(src)]}},
             "vocab_size": 300,
             "num_workers": 1,
             "add_bos": add_bos,

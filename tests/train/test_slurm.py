@@ -19,7 +19,7 @@ import pytest
 from conftest import REPO, base_overrides, env, losses, run_trainings
 
 LOCAL_SLURM = REPO / "launch" / "local_slurm.sh"
-STEPS = 150
+STEPS = 200
 NOISE = "loss_noise:0.1"
 
 
@@ -46,6 +46,13 @@ def job_state(job: str, slurm_env) -> str:
         ["scontrol", "show", "job", job], env=slurm_env, capture_output=True, text=True
     ).stdout
     return out.split("JobState=", 1)[1].split()[0] if "JobState=" in out else "GONE"
+
+
+def steps_alive(job: str) -> bool:
+    """Whether a process of the job's last start (its batch script or step) still runs: a job started
+    again before they are gone is refused by slurmd ("Job credential revoked")."""
+    found = subprocess.run(["pgrep", "-f", rf"slurmstepd: \[{job}\."], capture_output=True)
+    return found.returncode == 0
 
 
 def wait_until(predicate, what: str, log: Path, timeout: float = 240) -> None:
@@ -100,12 +107,14 @@ def test_requeue_and_time_limit_continue_exactly(slurm, tiny_data, tmp_path):
         scontrol("requeue", job)
         wait_until(lambda: job_state(job, slurm_env) == "PENDING", "the requeued job pending", log)
         assert [s["signal"] for s in stops()] == ["SIGTERM"]
+        wait_until(lambda: not steps_alive(job), "the first start's processes gone", log)
         scontrol("update", f"JobId={job}", "StartTime=now")
         # 2. the second start hits the time limit: SIGUSR1, the ranks save, the script requeues
         wait_until(lambda: len(stops()) == 2, "the time limit's stop", log, timeout=180)
         wait_until(
             lambda: job_state(job, slurm_env) == "PENDING", "the job requeued after its time limit", log
         )
+        wait_until(lambda: not steps_alive(job), "the second start's processes gone", log)
         scontrol("update", f"JobId={job}", "TimeLimit=10", "StartTime=now")
         # 3. the third start finishes the run
         wait_until(lambda: job_state(job, slurm_env) == "COMPLETED", "the job completed", log, timeout=300)

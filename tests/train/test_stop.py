@@ -55,7 +55,13 @@ def launch(args, run_dir, fault=None, **extra_env):
     cmd = ["bash", str(REPO / "launch" / "torchrun.sh"), *args]
     proc_env = dict(env(fault), NPROC_PER_NODE="2", **extra_env)
     return subprocess.Popen(
-        cmd, env=proc_env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        cmd,
+        env=proc_env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, signalled as a whole below
     )
 
 
@@ -80,12 +86,15 @@ def reference_1rank(tiny_data, tmp_path_factory):
 def test_sigterm_to_torchrun_saves_at_that_step_and_resumes_exactly(tiny_data, tmp_path, reference_2ranks):
     run_dir = tmp_path / "run"
     at = random.Random().randint(2, STEPS - 6)  # seen in the assertion messages when it fails
-    proc = launch(overrides(tiny_data, run_dir), run_dir, fault=f"step_delay:0.3,{NOISE}")
+    proc = launch(overrides(tiny_data, run_dir), run_dir, fault=f"step_delay:1.0,{NOISE}")
     wait_for_step(run_dir, at, proc)
     torchrun = subprocess.run(
         ["pgrep", "-P", str(proc.pid), "-f", "torchrun"], capture_output=True, text=True
     )
     os.kill(int(torchrun.stdout.split()[0]), signal.SIGTERM)
+    for _ in range(3):  # then, as SLURM and srun do, to the script and torchrun again, repeatedly
+        time.sleep(0.3)
+        os.killpg(proc.pid, signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == EXIT_STOPPED, f"signal after step {at}: {err[-3000:]}"
     # The ranks stopped after the step in flight when the signal came (no scheduled save is due).
