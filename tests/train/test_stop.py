@@ -53,7 +53,7 @@ def wait_for_step(run_dir, step, proc, timeout=120):
 def launch(args, run_dir, fault=None, **extra_env):
     """launch/torchrun.sh with 2 processes on one node, as a user runs it."""
     cmd = ["bash", str(REPO / "launch" / "torchrun.sh"), *args]
-    proc_env = dict(env(fault), NPROC_PER_NODE="2", **extra_env)
+    proc_env = {**env(fault), "NPROC_PER_NODE": "2", **extra_env}
     return subprocess.Popen(
         cmd,
         env=proc_env,
@@ -263,3 +263,40 @@ def test_disk_full_during_a_save_on_two_ranks(tiny_data, small_disk):
     latest = (ckpts / "latest").read_text()
     assert line.rstrip().endswith(str(ckpts / latest)) and not list(ckpts.glob(".tmp-*"))
     assert (ckpts / latest / "config.yaml").is_file()
+
+
+def test_a_signal_to_one_of_two_nodes_stops_both_at_one_step(tiny_data, tmp_path):
+    """Two launch/torchrun.sh "nodes" of one rank each (c10d rendezvous on localhost), one sequence-
+    parallel group across them: SIGUSR1 to one node's torchrun only; both nodes stop at the same step
+    (the agreement is a collective), both exit 75, and the resumed run equals an uninterrupted one."""
+    sp = {"parallel.sequence_parallel_size": 2}
+    reference = tmp_path / "reference"
+    res = run_trainings([{"overrides": overrides(tiny_data, reference, **sp)}], nproc=2, fault=NOISE)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+    run_dir = tmp_path / "run"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+
+    def two_nodes(fault):
+        nodes = dict(NNODES="2", NPROC_PER_NODE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        return [launch(overrides(tiny_data, run_dir, **sp), run_dir, fault, **nodes) for _ in range(2)]
+
+    first, second = two_nodes(f"step_delay:1.0,{NOISE}")
+    wait_for_step(run_dir, 3, first)
+    torchrun = subprocess.run(
+        ["pgrep", "-P", str(first.pid), "-f", "torchrun"], capture_output=True, text=True
+    )
+    os.kill(int(torchrun.stdout.split()[0]), signal.SIGUSR1)
+    for node in (first, second):
+        _, err = node.communicate(timeout=120)
+        assert node.returncode == EXIT_STOPPED, err[-3000:]
+    stopped = max(losses(run_dir))
+    assert [r["step"] for r in records(run_dir, "stop")] == [stopped]
+    assert complete_tags(run_dir / "checkpoints") == [tag_for(stopped)]
+
+    for node in two_nodes(NOISE):
+        _, err = node.communicate(timeout=180)
+        assert node.returncode == 0, err[-3000:]
+    assert losses(run_dir) == losses(reference)
