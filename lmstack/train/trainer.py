@@ -276,7 +276,9 @@ class Trainer:
             self._load()
         window, last = MetricsWindow(), {}
         with self._start_logs() as logger, self._progress_bar() as bar:
-            while self.state.step < self.layout.total_steps and not self._stop_agreed():
+            # Agreed before every step and after the last: a signal during the last step still ends
+            # in a stop record and exit 75 (the launcher's next start then finishes at once).
+            while not self._stop_agreed() and self.state.step < self.layout.total_steps:
                 m = self.train_step()
                 window.add(m, self.layout.tokens_per_step)
                 if m["skipped"]:

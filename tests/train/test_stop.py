@@ -141,6 +141,20 @@ def test_a_second_signal_during_the_stop_save_changes_nothing(tiny_data, tmp_pat
     assert losses(run_dir) == losses(reference_1rank)
 
 
+def test_a_signal_during_the_last_step_still_reports_a_stop(tiny_data, tmp_path):
+    """Training is complete, but the launcher was told to stop: exit 75 (torchrun would exit 1 after
+    the signal in any case), and the next start finds nothing left to do."""
+    run_dir = tmp_path / "run"
+    ov = overrides(tiny_data, run_dir, **{"train.max_steps": 4})
+    res = cli_train(ov, fault="term_at_step:4")
+    assert res.returncode == EXIT_STOPPED, res.stderr[-3000:]
+    assert [r["step"] for r in records(run_dir, "stop")] == [4]
+    assert complete_tags(run_dir / "checkpoints") == [tag_for(4)]
+    again = cli_train(ov, "--resume", "auto")
+    assert again.returncode == 0 and "trained 4 steps" in again.stdout, again.stderr[-3000:]
+    assert complete_tags(run_dir / "checkpoints") == [tag_for(4)] and max(losses(run_dir)) == 4
+
+
 def test_a_signal_before_the_first_step_stops_cleanly(tiny_data, tmp_path):
     run_dir = tmp_path / "run"
     res = run_trainings([{"overrides": overrides(tiny_data, run_dir), "source": "term_at_start"}])
