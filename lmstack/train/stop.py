@@ -1,7 +1,7 @@
 """Stopping on a signal (a preemption, a scheduler's time-limit warning) without losing a step.
 
 `StopRequest` installs handlers for `train.stop_signals` (default SIGTERM and SIGUSR1) that only
-note the signal. After every step the ranks agree, with one all-reduce (MAX) of the signal number,
+note the signal. Before every step and after the last the ranks agree, with one all-reduce (MAX) of the signal number,
 whether any of them has seen one: one rank may see the signal a step later than another, or alone,
 so the stop is decided by a collective, never by a race. Every rank then leaves the loop at that same
 step and saves a checkpoint exactly like a scheduled one (unless that very state was just saved), and
@@ -15,7 +15,7 @@ Under torchrun every worker exits 75, but torchrun itself exits 1 after it has f
 So a launcher that wants the distinction sets `LMSTACK_STOP_FILE` to a path: local rank 0 of every
 node writes the stop record (JSON: step, signal, iteration, checkpoint) there after the save.
 launch/torchrun.sh does so and exits 75 itself when the record is there; launch/slurm.sbatch runs it on
-every node and requeues the job on 75.
+every node and requeues the job when the first node's record is there.
 """
 
 from __future__ import annotations

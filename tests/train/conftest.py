@@ -89,3 +89,18 @@ def losses(run_dir: Path) -> dict[int, float]:
     from lmstack.train.metrics import read_metrics
 
     return {r["step"]: r["loss"] for r in read_metrics(run_dir)["train"]}
+
+
+def records(run_dir: Path, kind: str) -> list[dict]:
+    """Every `kind` record of `run_dir`'s metrics.jsonl in file order, repeats kept (unlike
+    read_metrics: a step logged twice shows); [] before the file exists, a line being written skipped."""
+    path = run_dir / "metrics.jsonl"
+    out = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record["kind"] == kind:
+            out.append(record)
+    return out

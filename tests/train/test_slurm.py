@@ -8,7 +8,6 @@ finishes on its own, and the per-step losses of the whole run equal an uninterru
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, base_overrides, env, losses, run_trainings
+from conftest import REPO, base_overrides, env, losses, records, run_trainings
 
 LOCAL_SLURM = REPO / "launch" / "local_slurm.sh"
 STEPS = 200
@@ -98,8 +97,7 @@ def test_requeue_and_time_limit_continue_exactly(slurm, tiny_data, tmp_path):
         return max(losses(run_dir), default=0)
 
     def stops():
-        text = (run_dir / "metrics.jsonl").read_text() if (run_dir / "metrics.jsonl").is_file() else ""
-        return [r for r in map(json.loads, text.splitlines()) if r["kind"] == "stop"]
+        return records(run_dir, "stop")
 
     try:
         # 1. requeued by hand at step 3 or so: SIGTERM to every process of the job

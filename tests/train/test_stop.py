@@ -17,7 +17,7 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, base_overrides, cli_train, env, losses, run_trainings
+from conftest import REPO, base_overrides, cli_train, env, losses, records, run_trainings
 
 from lmstack.checkpoint import complete_tags, tag_for
 from lmstack.train.stop import EXIT_STOPPED
@@ -32,19 +32,12 @@ def overrides(data, run_dir, **extra):
     return base_overrides(data, run_dir, **values)
 
 
-def records(run_dir, kind):
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["kind"] == kind]
-
-
 def wait_for_step(run_dir, step, proc, timeout=120):
     """Block until `run_dir`'s metrics hold a train record of `step` (the run still going)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert proc.poll() is None, "the run ended before the signal"
-        if (run_dir / "metrics.jsonl").is_file() and any(
-            r["step"] >= step for r in records(run_dir, "train")
-        ):
+        if any(r["step"] >= step for r in records(run_dir, "train")):
             return
         time.sleep(0.02)
     raise AssertionError(f"no train record of step {step} within {timeout} s")
