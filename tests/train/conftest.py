@@ -88,7 +88,7 @@ def cli_train(overrides: list[str], *args: str, fault: str | None = None, timeou
 def losses(run_dir: Path) -> dict[int, float]:
     from lmstack.train.metrics import read_metrics
 
-    return {r["step"]: r["loss"] for r in read_metrics(run_dir)["train"]}
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir).get("train", [])}
 
 
 def records(run_dir: Path, kind: str) -> list[dict]:
