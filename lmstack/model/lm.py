@@ -74,8 +74,6 @@ class Block(nn.Module):
     def _forward(
         self, x: torch.Tensor, context: BatchContext, state: Any, use_cache: bool
     ) -> tuple[torch.Tensor, Any, dict[str, torch.Tensor]]:
-        if context.sequence_parallel is not None:  # its byte counts go to this layer
-            context.sequence_parallel.layer = self.mixer.layer_idx
         mixed: MixerOutput = self.mixer(self.mixer_norm(x), context, state, use_cache)
         x = x + mixed.y
         return x + self.mlp(self.mlp_norm(x)), mixed.state, mixed.aux

@@ -30,13 +30,16 @@ class ConvState:
 
 class ShortConvolution(nn.Module):
     """Depthwise causal convolution over `[B, T, D]` with kernel `kernel_size`, optional bias and
-    optional activation (`"silu"` or None), document-aware through the batch context."""
+    optional activation (`"silu"` or None), document-aware through the batch context. `layer_idx`:
+    the layer of the mixer it belongs to (its sequence-parallel bytes are counted there)."""
 
-    def __init__(self, dim: int, kernel_size: int, bias: bool = True, activation: str | None = None) -> None:
+    def __init__(
+        self, dim: int, kernel_size: int, *, layer_idx: int, bias: bool = True, activation: str | None = None
+    ) -> None:
         super().__init__()
         if activation not in (None, "silu"):
             raise ValueError(f"activation: expected None or 'silu', got {activation!r}")
-        self.kernel_size, self.activation = kernel_size, activation
+        self.kernel_size, self.activation, self.layer_idx = kernel_size, activation, layer_idx
         self.weight = nn.Parameter(torch.empty(dim, kernel_size))
         self.bias = nn.Parameter(torch.empty(dim)) if bias else None
         self.reset_parameters()
@@ -56,7 +59,7 @@ class ShortConvolution(nn.Module):
         B, T, D = x.shape
         k = self.kernel_size
         if context.sequence_parallel is not None:  # the previous ranks' last k - 1 inputs
-            state = ConvState(context.sequence_parallel.preceding(x, k - 1))
+            state = ConvState(context.sequence_parallel.preceding(x, k - 1, self.layer_idx))
         if state is not None:
             # A row looks back only as far as its first document began: window slot i lies
             # k - 1 - i tokens before the slice (see BatchContext: same document iff distance <= position).

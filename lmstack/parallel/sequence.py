@@ -52,8 +52,8 @@ class _GatherSlices(torch.autograd.Function):
     gradient, so each rank gets the sum over ranks of the gradients of its own piece."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, sp: SequenceParallel) -> torch.Tensor:
-        ctx.sp, ctx.layer = sp, sp.layer
+    def forward(ctx, x: torch.Tensor, sp: SequenceParallel, layer: int) -> torch.Tensor:
+        ctx.sp, ctx.layer = sp, layer
         x = x.contiguous()
         out = x.new_empty((sp.size * x.shape[0], *x.shape[1:]))
         _collective("all_gather_single", "all_gather_into_tensor")(out, x, group=sp.group)
@@ -61,13 +61,13 @@ class _GatherSlices(torch.autograd.Function):
         return out.view(sp.size, *x.shape)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         sp = ctx.sp
         out = grad.new_empty(grad.shape[1:])
         reduce_scatter = _collective("reduce_scatter_single", "reduce_scatter_tensor")
         reduce_scatter(out, grad.contiguous().flatten(0, 1), group=sp.group)
         sp.count(ctx.layer, out)
-        return out, None
+        return out, None, None
 
 
 class _GroupMean(torch.autograd.Function):
@@ -75,13 +75,13 @@ class _GroupMean(torch.autograd.Function):
     holds the same statistic and back-propagates it, so each rank's share is 1/W of the sum)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, sp: SequenceParallel) -> torch.Tensor:
-        ctx.sp, ctx.layer = sp, sp.layer
-        return sp.all_reduce_mean(x, ctx.layer)
+    def forward(ctx, x: torch.Tensor, sp: SequenceParallel, layer: int) -> torch.Tensor:
+        ctx.sp, ctx.layer = sp, layer
+        return sp.all_reduce_mean(x, layer)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return ctx.sp.all_reduce_mean(grad, ctx.layer), None
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return ctx.sp.all_reduce_mean(grad, ctx.layer), None, None
 
 
 def apply_transition(transition: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
@@ -96,12 +96,12 @@ class SequenceParallel:
     """This rank's place in its sequence-parallel group and the group's collectives.
 
     Carried by the batch context (`BatchContext.sequence_parallel`) so that mixers reach it without
-    importing this package. `layer` is set by the block running (it attributes the byte counts).
+    importing this package. Every collective takes the calling mixer's layer index, to which its
+    byte counts go (forward and backward).
     """
 
     def __init__(self, group: Any, rank: int, size: int) -> None:
         self.group, self.rank, self.size = group, rank, size
-        self.layer = 0
         self.bytes_sent: dict[int, int] = defaultdict(int)
 
     def count(self, layer: int, piece: torch.Tensor, factor: float = 1.0) -> None:
@@ -121,18 +121,20 @@ class SequenceParallel:
         return out
 
     @torch.compiler.disable
-    def gather(self, x: torch.Tensor) -> torch.Tensor:
+    def gather(self, x: torch.Tensor, layer: int) -> torch.Tensor:
         """x: [N, ...] -> [W, N, ...], every rank's x in rank order (differentiable)."""
-        return _GatherSlices.apply(x, self)
+        return _GatherSlices.apply(x, self, layer)
 
     @torch.compiler.disable
-    def mean(self, x: torch.Tensor) -> torch.Tensor:
+    def mean(self, x: torch.Tensor, layer: int) -> torch.Tensor:
         """A statistic of this slice's tokens -> its mean over the group's slices (equal token counts:
         the statistic of the whole rows), differentiable (e.g. MoH's head-load means)."""
-        return _GroupMean.apply(x, self)
+        return _GroupMean.apply(x, self, layer)
 
     @torch.compiler.disable
-    def initial_state(self, transition: torch.Tensor, final_state: torch.Tensor, context) -> torch.Tensor:
+    def initial_state(
+        self, transition: torch.Tensor, final_state: torch.Tensor, context, layer: int
+    ) -> torch.Tensor:
         """LASP-2. transition: this slice's A ([B, H], [B, H, K] or [B, H, K, K], see
         `apply_transition`); final_state: E [B, H, K, V], the state after this slice's last document
         from a zero start -> the state entering this slice, [B, H, K, V] fp32. Rows whose last
@@ -141,7 +143,7 @@ class SequenceParallel:
         through = (context.positions[:, -1] >= context.seq_len).float()  # last document began before
         A = transition.float() * through.view(B, *([1] * (transition.dim() - 1)))
         E = final_state.float()
-        gathered = self.gather(torch.cat([A.reshape(B, -1), E.reshape(B, -1)], dim=1))
+        gathered = self.gather(torch.cat([A.reshape(B, -1), E.reshape(B, -1)], dim=1), layer)
         n_a = A[0].numel()
         # Start from an empty slice of the gather so that rank 0 too keeps it on the graph.
         state = E.new_zeros(E.shape) + gathered[:0].sum()
@@ -152,13 +154,13 @@ class SequenceParallel:
         return state
 
     @torch.compiler.disable
-    def preceding(self, x: torch.Tensor, length: int | None = None) -> torch.Tensor:
+    def preceding(self, x: torch.Tensor, length: int | None, layer: int) -> torch.Tensor:
         """LASP-2H. x: [B, T, ...] this slice's tensors -> [B, P, ...] those of the positions right
         before the slice: all earlier ranks' (P = rank · T) when `length` is None, else exactly the
         last `length` (zeros where there are fewer: before the sequence start)."""
         B, T = x.shape[:2]
         tail = x if length is None else x[:, max(T - length, 0) :]
-        gathered = self.gather(tail)  # [W, B, n, ...]
+        gathered = self.gather(tail, layer)  # [W, B, n, ...]
         before = gathered[: self.rank].transpose(0, 1).flatten(1, 2)  # [B, rank * n, ...]
         if length is None:
             return before

@@ -163,7 +163,9 @@ class Attention(TokenMixer):
         cos, sin = rotary_cos_sin(positions, self.head_dim, self.config.rope_theta, q.dtype)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if context.sequence_parallel is not None:  # LASP-2H: earlier slices' keys/values as a cache
-            kv = context.sequence_parallel.preceding(torch.cat([k, v], dim=-1), self._keys_before())
+            kv = context.sequence_parallel.preceding(
+                torch.cat([k, v], dim=-1), self._keys_before(), self.layer_idx
+            )
             state = KVState(*kv.split(self.head_dim, dim=-1))
             past = state.length
         if state is not None:

@@ -193,6 +193,53 @@ def run_by_pieces(op: Callable, tensors: tuple[torch.Tensor, ...], state, contex
     return o.view(B, T, *o.shape[2:]), (None if final is None else final[context.last_piece])
 
 
+def run_recurrent(
+    op: Callable,
+    tensors: tuple[torch.Tensor, ...],
+    state: torch.Tensor | None,
+    context: BatchContext,
+    layer: int,
+    slice_map: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    use_cache: bool,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The state handling of a recurrent mixer (linear attention with a matrix state), in one place.
+
+    op, tensors: as `run_by_pieces` (`op(*tensors, initial_state=, cu_seqlens=,
+        output_final_state=, **kwargs) -> (o, final state)`).
+    state: [B, H, K, V] the mixer's incoming recurrent state (a cache), or None.
+    layer: the mixer's layer index (attributes the sequence-parallel bytes to it).
+    slice_map: `lengths [B] -> (A, E)`, the affine map of this slice's last document per row (S_out =
+        A S_in + E, A as `lmstack.parallel.apply_transition` takes it; `lengths` its trailing tokens);
+        called only under sequence parallelism, where the state entering the slice comes from the
+        earlier slices (LASP-2) instead of `state`.
+    Returns (o [B, T, H, V], the state after each row's last piece if `use_cache`, else None)."""
+    sp = context.sequence_parallel
+    if sp is not None:
+        transition, own = slice_map(context.last_document_lengths())
+        state = sp.initial_state(transition, own, context, layer)
+    state = continued_state(state, context)
+    return run_by_pieces(op, tensors, state, context, output_final_state=use_cache, **kwargs)
+
+
+def head_rms_norm(
+    o: torch.Tensor, weight: torch.Tensor | None, eps: float, gate: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The HeadRMSNorm of linear-attention outputs, optionally gated: o [B, T, H, Dh] -> [B, T, H·Dh],
+    each head normalised over its Dh channels in fp32 (the sum of many state products spans a wide
+    range) and cast back, times `weight` ([Dh] shared by the heads or [H, Dh] per head; None: no
+    weight), times `gate` ([B, T, H, Dh] or [B, T, H·Dh], already activated) when given. A norm over
+    all heads together (lightning's `srms`) is this with one head of width H·Dh."""
+    B, T = o.shape[:2]
+    of = o.float()
+    out = (of * torch.rsqrt(of.pow(2).mean(-1, keepdim=True) + eps)).to(o.dtype)
+    if weight is not None:
+        out = out * weight
+    if gate is not None:
+        out = out * gate.view(out.shape)
+    return out.reshape(B, T, -1)
+
+
 def check_head_dim(mixer: str, config: ModelConfig, paths: LayerPaths, low: int, high: int) -> None:
     """ConfigError naming `model.d_model` unless low <= head_dim <= high (an op's supported range)."""
     Dh = config.head_dim

@@ -39,8 +39,8 @@ from lmstack.model.mixers.base import (
     MixerOutput,
     TokenMixer,
     check_head_dim,
-    continued_state,
-    run_by_pieces,
+    head_rms_norm,
+    run_recurrent,
 )
 from lmstack.model.short_conv import ConvState, ShortConvolution
 from lmstack_kernels.common.chunked import trailing_tokens
@@ -90,7 +90,9 @@ class DeltaNet(TokenMixer):
         D, H, Dh = config.d_model, config.n_heads, config.head_dim
         self.n_heads, self.head_dim = H, Dh
         self.qkv_proj = nn.Linear(D, 3 * H * Dh, bias=False)
-        self.conv = ShortConvolution(3 * H * Dh, options.conv_size, bias=False, activation="silu")
+        self.conv = ShortConvolution(
+            3 * H * Dh, options.conv_size, layer_idx=layer_idx, bias=False, activation="silu"
+        )
         self.beta_proj = nn.Linear(D, H, bias=False)
         self.g_proj = nn.Linear(D, H * Dh, bias=False) if options.gate else None
         self.norm_weight = nn.Parameter(torch.ones(Dh))
@@ -119,28 +121,19 @@ class DeltaNet(TokenMixer):
         beta = torch.sigmoid(self.beta_proj(x))
         if self.options.allow_neg_eigval:
             beta = 2 * beta
-        h0 = state.recurrent if state is not None else None
-        if context.sequence_parallel is not None:
+
+        def slice_map(lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             # The map of each row's last document: β = 0 makes a token the identity, so zeroing β
             # before that document leaves exactly its map (one op call over dense rows).
-            in_last = trailing_tokens(T, context.last_document_lengths(), x.device)  # [B, T]
-            transition, own = delta_rule_affine_map(k, v, beta * in_last[..., None])
-            h0 = context.sequence_parallel.initial_state(transition, own, context)
-        h0 = continued_state(h0, context)
-        o, ht = run_by_pieces(
-            delta_rule_attn,
-            (q, k, v, beta),
-            h0,
-            context,
-            output_final_state=use_cache,
-            backend=self.options.backend,
-        )
-        of = o.float()
-        o = (of * torch.rsqrt(of.pow(2).mean(-1, keepdim=True) + self.config.norm_eps)).to(x.dtype)
-        o = (o * self.norm_weight).reshape(B, T, H * Dh)
-        if self.g_proj is not None:
-            o = o * F.silu(self.g_proj(x))
-        y = self.o_proj(o)
+            in_last = trailing_tokens(T, lengths, x.device)  # [B, T]
+            return delta_rule_affine_map(k, v, beta * in_last[..., None])
+
+        o, ht = run_recurrent(
+            delta_rule_attn, (q, k, v, beta), state.recurrent if state is not None else None, context,
+            self.layer_idx, slice_map, use_cache, backend=self.options.backend,
+        )  # fmt: skip
+        gate = F.silu(self.g_proj(x)) if self.g_proj is not None else None
+        y = self.o_proj(head_rms_norm(o, self.norm_weight, self.config.norm_eps, gate))
         return MixerOutput(y, DeltaNetState(ht, conv_state) if use_cache else None)
 
     def flops_per_token(self, seq_len: int) -> float:

@@ -31,7 +31,7 @@ from torch import nn
 from lmstack.errors import ConfigError
 from lmstack.model.config import LayerPaths, ModelConfig
 from lmstack.model.mixers import register
-from lmstack.model.mixers.base import BatchContext, MixerOutput, TokenMixer, continued_state, run_by_pieces
+from lmstack.model.mixers.base import BatchContext, MixerOutput, TokenMixer, head_rms_norm, run_recurrent
 from lmstack.model.short_conv import ConvState, ShortConvolution
 from lmstack_kernels.gla import MAX_HEAD_DIM, gla_attn, gla_slice_state
 
@@ -106,7 +106,7 @@ class GatedLinearAttention(TokenMixer):
         self.convs = None
         if options.use_short_conv:
             self.convs = nn.ModuleList(
-                ShortConvolution(dim, options.conv_size, bias=False, activation="silu")
+                ShortConvolution(dim, options.conv_size, layer_idx=layer_idx, bias=False, activation="silu")
                 for dim in (key_dim, key_dim, value_dim)
             )
 
@@ -135,19 +135,12 @@ class GatedLinearAttention(TokenMixer):
         g = F.logsigmoid(self.gate_up(self.gate_down(x)).float()) / self.options.gate_logit_normalizer
         q, k, g = (t.reshape(B, T, H, K) for t in (q, k, g))
         v = v.reshape(B, T, H, V)
-        h0 = state.kv if state is not None else None
-        if context.sequence_parallel is not None:
-            gates, own = gla_slice_state(k, v, g, context.last_document_lengths())
-            h0 = context.sequence_parallel.initial_state(gates, own, context)
-        h0 = continued_state(h0, context)
-        o, ht = run_by_pieces(
-            gla_attn, (q, k, v, g), h0, context,
-            output_final_state=use_cache, backend=self.options.backend,
+        o, ht = run_recurrent(
+            gla_attn, (q, k, v, g), state.kv if state is not None else None, context, self.layer_idx,
+            lambda lengths: gla_slice_state(k, v, g, lengths), use_cache, backend=self.options.backend,
         )  # fmt: skip
-        of = o.float()
-        o = (of * torch.rsqrt(of.pow(2).mean(-1, keepdim=True) + self.config.norm_eps)).to(x.dtype)
-        o = o * self.norm_weight * F.silu(self.r_proj(x).reshape(B, T, H, V))
-        y = self.o_proj(o.reshape(B, T, H * V))
+        o = head_rms_norm(o, self.norm_weight, self.config.norm_eps, F.silu(self.r_proj(x)))
+        y = self.o_proj(o)
         return MixerOutput(y, GLAState(ht, conv_state) if use_cache else None)
 
     def flops_per_token(self, seq_len: int) -> float:

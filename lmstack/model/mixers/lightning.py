@@ -42,8 +42,8 @@ from lmstack.model.mixers.base import (
     MixerOutput,
     TokenMixer,
     check_head_dim,
-    continued_state,
-    run_by_pieces,
+    head_rms_norm,
+    run_recurrent,
 )
 from lmstack_kernels.lightning import MAX_HEAD_DIM, MIN_HEAD_DIM, lightning_attn, lightning_slice_state
 
@@ -132,17 +132,12 @@ class LightningAttention(TokenMixer):
 
     def _norm_gate(self, o: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """o: [B, T, H, Dh] -> gate(u) * norm(o) as [B, T, H*Dh]."""
-        B, T = o.shape[:2]
-        of = o.float()
-        if self.options.norm == "srms":
-            of = of.reshape(B, T, -1)
-        of = of * torch.rsqrt(of.pow(2).mean(-1, keepdim=True) + self.config.norm_eps)
-        o = of.reshape(B, T, -1).to(u.dtype)
-        if self.norm_weight is not None:
-            o = o * self.norm_weight
+        B, T, H, Dh = o.shape
         gate = self.options.gate
         u = torch.sigmoid(u) if gate == "sigmoid" else F.silu(u) if gate == "silu" else u
-        return u * o
+        if self.options.norm == "srms":  # one norm over all heads
+            return head_rms_norm(o.reshape(B, T, 1, H * Dh), None, self.config.norm_eps, u)
+        return head_rms_norm(o, self.norm_weight.view(H, Dh), self.config.norm_eps, u)
 
     def forward(
         self,
@@ -156,15 +151,16 @@ class LightningAttention(TokenMixer):
         q = self._act(self.q_proj(x)).view(B, T, H, Dh)
         k = self._act(self.k_proj(x)).view(B, T, H, Dh)
         v = self.v_proj(x).view(B, T, H, Dh)
-        h0 = state.kv if state is not None else None
-        if context.sequence_parallel is not None:
-            decay_T, own = lightning_slice_state(k, v, self.log_decay, context.last_document_lengths())
-            h0 = context.sequence_parallel.initial_state(decay_T.expand(B, H), own, context)
-        h0 = continued_state(h0, context)
+
+        def slice_map(lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            decay_T, own = lightning_slice_state(k, v, self.log_decay, lengths)
+            return decay_T.expand(B, H), own
+
         op = functools.partial(lightning_attn, decay=self.log_decay)
-        o, ht = run_by_pieces(
-            op, (q, k, v), h0, context, output_final_state=use_cache, backend=self.options.backend
-        )
+        o, ht = run_recurrent(
+            op, (q, k, v), state.kv if state is not None else None, context, self.layer_idx,
+            slice_map, use_cache, backend=self.options.backend,
+        )  # fmt: skip
         y = self.o_proj(self._norm_gate(o, self.u_proj(x)))
         return MixerOutput(y, LightningState(ht) if use_cache else None)
 

@@ -120,7 +120,9 @@ class MixtureOfHeadAttention(Attention):
         load = routing.picked.flatten(0, 1).float().mean(0)  # f_i
         mean_probs = routing.probs.flatten(0, 1).mean(0)  # P_i
         if context.sequence_parallel is not None:  # over the whole rows, not this rank's slice
-            load, mean_probs = context.sequence_parallel.mean(torch.stack([load, mean_probs])).unbind(0)
+            load, mean_probs = context.sequence_parallel.mean(
+                torch.stack([load, mean_probs]), self.layer_idx
+            ).unbind(0)
         with torch.no_grad():
             aux_stats = {
                 "moh_active_heads": (routing.weights > 0).float().sum(-1).mean() / self.n_heads,

@@ -36,7 +36,9 @@ class ShortConv(TokenMixer):
 
     def __init__(self, config: ModelConfig, layer_idx: int, options: ShortConvOptions) -> None:
         super().__init__(config, layer_idx, options)
-        self.conv = ShortConvolution(config.d_model, options.kernel_size, options.bias)
+        self.conv = ShortConvolution(
+            config.d_model, options.kernel_size, layer_idx=layer_idx, bias=options.bias
+        )
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
