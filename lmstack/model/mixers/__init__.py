@@ -17,6 +17,7 @@ get_mixer = MIXERS.lookup
 # One line per mixer.
 from lmstack.model.mixers import attention
 from lmstack.model.mixers import deltanet
+from lmstack.model.mixers import gated_deltanet
 from lmstack.model.mixers import gla
 from lmstack.model.mixers import lightning
 from lmstack.model.mixers import moh
