@@ -79,6 +79,11 @@ class OpContract:
         """A valid value of the op's own input for q: [B, T, H, K]."""
         raise NotImplementedError
 
+    def own_inputs(self, q: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Valid values of all the op's own inputs (between v and h0 in `inputs`) by name; one by
+        default (`own_input`), an op with more (Gated DeltaNet's beta and g) overrides it."""
+        return {self.inputs[3]: self.own_input(q)}
+
     def invalid_cases(self, q: torch.Tensor, v: torch.Tensor) -> list[tuple[dict, str]]:
         """(keyword overrides of a valid call, the error they must raise) of the op's own checks."""
         return []
@@ -211,13 +216,12 @@ class OpContract:
         K, V = bad_dims
         q, v = torch.randn(1, 8, 2, K), torch.randn(1, 8, 2, V)
         with pytest.raises(ValueError, match="head dim"):
-            self.attn(q, q, v, self.own_input(q))
+            self.attn(q, q, v, **self.own_inputs(q))
 
     def test_invalid_inputs_raise(self) -> None:
         """The checks every op shares (q, k, v, initial_state, cu_seqlens, backend) and its own."""
         q, v = torch.randn(2, 8, 2, 16), torch.randn(2, 8, 2, 16)
-        own = self.inputs[3]
-        valid = {"q": q, "k": q, "v": v, own: self.own_input(q)}
+        valid = {"q": q, "k": q, "v": v, **self.own_inputs(q)}
         cases = [
             ({"q": q[0]}, "q must be a 4-D tensor"),
             ({"q": q.double(), "k": q.double(), "v": v.double()}, "dtype"),
