@@ -39,7 +39,7 @@ HAND = {
     # Defaults: 4 q/k heads of K = 16, 4 value heads of V = 2*16 = 32 (expand_v 2), the output gate.
     # q, k: 2*64*64 each, 16384 both; v, g: 2*64*128 each, 32768 both; a, b: 2*64*4 each, 1024; o: 2*128*64 =
     # 16384. Short convs of 4 taps on the 64 + 64 + 128 q/k/v channels: 2*256*4 = 2048. Per value head,
-    # chunk C = min(64, T) = 16: KK^T, QK^T, W (2*C*K each) 1536; U0, tril(QK^T)U (2*C*V each) 2048;
+    # chunk C = min(32, T) = 16: KK^T, QK^T, W (2*C*K each) 1536; U0, tril(QK^T)U (2*C*V each) 2048;
     # WS, QS, K^T U (2*K*V each) 3072; the UT transform, 4 doubling steps of 4*C*C: 4096 -> 4 * 10752.
     "gated_deltanet": 16384 + 32768 + 1024 + 16384 + 2048 + 4 * 10752,
     # depthwise kernel of 4 taps on 64 channels: 2*64*4 = 512.

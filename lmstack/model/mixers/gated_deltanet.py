@@ -41,60 +41,13 @@ from lmstack.model.mixers import register
 from lmstack.model.mixers.base import BatchContext, MixerOutput, TokenMixer, head_rms_norm, run_recurrent
 from lmstack.model.short_conv import ConvState, ShortConvolution
 from lmstack_kernels.common.chunked import trailing_tokens
-
-# TEMPORARY (until `lmstack_kernels.gated_deltanet`, written on branch issue-24op, lands): the op's
-# interface implemented as the plain recurrence, so that the mixer is complete and tested against
-# it. On merging the op, import `gated_delta_rule_attn`, its affine map and its head-size range and
-# block length from there and delete this block.
-MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
-TRITON_CHUNK = 64
-
-
-def gated_delta_rule_attn(
-    q,
-    k,
-    v,
-    beta,
-    g,
-    scale=None,
-    initial_state=None,
-    output_final_state=False,
-    cu_seqlens=None,
-    backend="auto",
-):
-    """S_t = exp(g_t)(I − β_t k_t k_tᵀ) S_{t-1} + β_t k_t v_tᵀ, o_t = scale · S_tᵀ q_t, token by token in
-    fp32 ([B, T, H, D] layout, state [N, H, K, V]; `backend` is ignored)."""
-    B, T, H, K = q.shape
-    scale = K**-0.5 if scale is None else scale
-    if cu_seqlens is None:
-        pieces = [(b, 0, T) for b in range(B)]
-    else:
-        cu = cu_seqlens.tolist()
-        pieces = [(0, s, e) for s, e in zip(cu[:-1], cu[1:])]
-    rows, finals = [[] for _ in range(B)], []
-    for n, (b, s, e) in enumerate(pieces):
-        S = initial_state[n].float() if initial_state is not None else q.new_zeros(H, K, v.shape[-1]).float()
-        for t in range(s, e):
-            kt, bt = k[b, t].float(), beta[b, t].float()[:, None, None]
-            S = g[b, t].float().exp()[:, None, None] * (S - bt * kt[:, :, None] * (kt[:, None, :] @ S))
-            S = S + bt * kt[:, :, None] * v[b, t].float()[:, None, :]
-            rows[b].append((scale * q[b, t].float()[:, None, :] @ S)[:, 0])
-        finals.append(S)
-    o = torch.stack([torch.stack(r) for r in rows]).to(q.dtype)
-    return o, (torch.stack(finals) if output_final_state else None)
-
-
-def gated_delta_rule_affine_map(k, v, beta, g):
-    """(P [B, H, K, K], E [B, H, K, V]) of each row: S_out = P S_in + E (P: the map of a zero value
-    from an identity state; E: the final state from a zero start)."""
-    B, _, H, K = k.shape
-    eye = torch.eye(K, device=k.device).expand(B, H, K, K)
-    _, P = gated_delta_rule_attn(k, k, torch.zeros_like(k), beta, g, 1.0, eye, True)
-    _, E = gated_delta_rule_attn(k, k, v, beta, g, 1.0, None, True)
-    return P, E
-
-
-# END TEMPORARY
+from lmstack_kernels.gated_deltanet import (
+    MAX_HEAD_DIM,
+    MIN_HEAD_DIM,
+    TRITON_CHUNK,
+    gated_delta_rule_affine_map,
+    gated_delta_rule_attn,
+)
 
 # The paper's (and Mamba2's) initialisation of the decay: A ~ U(0, 16), Δ log-uniform in [1e-3, 1e-1].
 A_INIT_RANGE = (0.0, 16.0)
