@@ -1,4 +1,5 @@
-"""`lmstack eval {harness,mqar,ppl}`: argument parsing only; the work is in harness, mqar and ppl."""
+"""`lmstack eval {harness,mqar,ppl,length}`: argument parsing only; the work is in harness, mqar, ppl and
+length."""
 
 from __future__ import annotations
 
@@ -221,10 +222,65 @@ def cmd_ppl(args: argparse.Namespace) -> None:
     print(json.dumps(result, indent=2))
 
 
+def _add_length(sub) -> None:
+    p = sub.add_parser(
+        "length",
+        help="loss against context position at and beyond the training length",
+        description="Loss and perplexity per bucket of context positions at each evaluation length, "
+        "for one or several models on the same held-out split; writes OUT.json and OUT.png.",
+    )
+    p.add_argument("models", nargs="+", help="exported model folders, or checkpoint / run directories")
+    p.add_argument("--data", default=None, help="prepared data folder (default: the run config's data.path)")
+    p.add_argument("--lengths", required=True, help="comma-separated evaluation lengths, e.g. 256,1024,4096")
+    p.add_argument("--bucket-size", type=int, default=64, help="context positions per bucket")
+    p.add_argument(
+        "--tokens-per-batch", type=int, default=8192, help="rows per batch = this // length (at least 1)"
+    )
+    p.add_argument("--max-rows", type=int, default=None, help="score at most about this many rows per length")
+    p.add_argument("--split", default="val")
+    p.add_argument(
+        "--documents",
+        choices=("masked", "joined"),
+        default="masked",
+        help="masked: documents kept apart as in training (a position counts within its document); "
+        "joined: each row one sequence",
+    )
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--out", default="length", help="output prefix (writes PREFIX.json and PREFIX.png)")
+    p.set_defaults(func=cmd_length)
+
+
+def cmd_length(args: argparse.Namespace) -> None:
+    from lmstack.eval.length import run_length
+
+    report = run_length(
+        args.models,
+        args.data,
+        parse_list(args.lengths, int, "--lengths"),
+        bucket_size=args.bucket_size,
+        tokens_per_batch=args.tokens_per_batch,
+        max_rows=args.max_rows,
+        split=args.split,
+        mask_documents=args.documents == "masked",
+        device=args.device,
+        dtype=args.dtype,
+        out=args.out,
+        command=" ".join(shlex.quote(a) for a in ["lmstack", "eval", "length", *sys.argv[3:]]),
+        log=lambda m: print(m, file=sys.stderr),
+    )
+    for entry in report["models"]:
+        for r in entry["lengths"]:
+            print(f"{entry['model']}\t{r['length']}\t{r['tokens']}\t{r['loss']:.4f}\t{r['perplexity']:.3f}")
+
+
 def add_eval_parser(sub) -> None:
     """Register `eval` and its sub-commands on the top-level subparsers of `lmstack`."""
-    p = sub.add_parser("eval", help="evaluate models: lm-eval harness, MQAR, held-out perplexity")
+    p = sub.add_parser(
+        "eval", help="evaluate models: lm-eval harness, MQAR, held-out perplexity, loss against length"
+    )
     eval_sub = p.add_subparsers(dest="eval_command", required=True, metavar="EVAL_COMMAND")
     _add_harness(eval_sub)
     _add_mqar(eval_sub)
     _add_ppl(eval_sub)
+    _add_length(eval_sub)

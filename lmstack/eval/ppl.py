@@ -21,6 +21,29 @@ from lmstack.errors import LMStackError
 from lmstack.eval.loading import default_device, load_model
 
 
+def check_vocab(model, reader, data_dir: str | Path) -> None:
+    """A data folder whose tokenizer has more tokens than the model's embedding is not its data."""
+    vocab = getattr(reader.index, "vocab_size", None)
+    if vocab is not None and vocab > model.config.vocab_size:
+        raise LMStackError(
+            f"{data_dir}: its tokenizer has {vocab} tokens but the model only {model.config.vocab_size}: "
+            "not the data this model was trained on"
+        )
+
+
+def scored_batches(model, reader, device, max_batches: int | None = None, mask_documents: bool = True):
+    """(logits [B, T, V], batch) for each batch of a `ValReader`, at most `max_batches`: the model
+    run with the batch's document masking as in training (`mask_documents=False`: each row one
+    sequence, documents joined)."""
+    from lmstack.model import BatchContext
+
+    for i, batch in enumerate(reader):
+        if max_batches is not None and i >= max_batches:
+            return
+        context = BatchContext.from_doc_ids(batch.doc_ids, device) if mask_documents else None
+        yield model(batch.input_ids.to(device), context).logits, batch
+
+
 @torch.no_grad()
 def perplexity(
     model,
@@ -33,31 +56,20 @@ def perplexity(
     dtype: torch.dtype = torch.float32,
 ) -> dict[str, Any]:
     from lmstack.data import ValReader
-    from lmstack.model import BatchContext
     from lmstack.model.loss import next_token_loss_sum
 
     reader = ValReader(data_dir, seq_len, batch_size, split=split)
-    vocab = getattr(reader.index, "vocab_size", None)
-    if vocab is not None and vocab > model.config.vocab_size:
-        raise LMStackError(
-            f"{data_dir}: its tokenizer has {vocab} tokens but the model only {model.config.vocab_size}: "
-            "not the data this model was trained on"
-        )
+    check_vocab(model, reader, data_dir)
     if seq_len > model.config.max_seq_len:
         raise LMStackError(f"--seq-len {seq_len} exceeds the model's max_seq_len {model.config.max_seq_len}")
     model = model.to(device=device, dtype=dtype).eval()
     nll, count, batches = 0.0, 0, 0
     start = time.perf_counter()
-    for batch in reader:
-        ids = batch.input_ids.to(device)
-        logits = model(ids, BatchContext.from_doc_ids(batch.doc_ids, device)).logits
-        labels = batch.labels.to(device)
-        loss_sum, n_labelled = next_token_loss_sum(logits, labels)
+    for logits, batch in scored_batches(model, reader, device, max_batches):
+        loss_sum, n_labelled = next_token_loss_sum(logits, batch.labels.to(device))
         nll += loss_sum.item()
         count += int(n_labelled)
         batches += 1
-        if max_batches is not None and batches >= max_batches:
-            break
     if count == 0:
         raise LMStackError(f"{data_dir}: the '{split}' split has no tokens to score")
     loss = nll / count
