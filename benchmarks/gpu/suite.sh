@@ -84,6 +84,7 @@ if ((DRY)); then
   "$PY" benchmarks/gpu/common.py step "$OUT" install skipped 0 "dry run: the local environment is used"
   TRAIN_VS_HF=(--preset cpu --d-model 64 --n-layers 2 --n-heads 2 --vocab 256 --seq 32 --batch 2
     --steps 1 --warmup 1 --variants hf_llama,lmstack)
+  DECODE=(--quick)
 else
   nvidia-smi || true
   # --no-deps: the image's torch 2.11 / triton 3.6 are used, never replaced.
@@ -91,6 +92,8 @@ else
     --target "$SITE" .gpu/whl/*.whl
   # Packed rows (lmstack_packed) are left out to fit: the mixers' batch interface is being reworked.
   TRAIN_VS_HF=(--preset gpu-350m --steps 10 --warmup 3 --variants hf_llama,lmstack,lmstack_trainer)
+  # The tiny config's shape (bench_decode's default), three prompt lengths: few Triton compilations.
+  DECODE=(--lengths 1024,4096,16384 --new-tokens 16)
 fi
 run_step ops_correctness 90 "$PY" benchmarks/gpu/check_ops.py --out "$OUT" "${DRY_FLAG[@]}"
 run_step mixer_checks 50 "$PY" benchmarks/gpu/check_mixers.py --out "$OUT" "${DRY_FLAG[@]}"
@@ -98,5 +101,7 @@ run_step engine 80 "$PY" benchmarks/gpu/check_engine.py --out "$OUT" "${DRY_FLAG
 run_step ops_speed 80 "$PY" benchmarks/gpu/bench_ops.py --out "$OUT" "${DRY_FLAG[@]}"
 run_step train_vs_hf 95 "$PY" benchmarks/bench_train.py "${TRAIN_VS_HF[@]}" --rounds 1 --out "$OUT/train_vs_hf.json"
 run_step mixers_throughput 95 "$PY" benchmarks/gpu/bench_mixers.py --out "$OUT" "${DRY_FLAG[@]}"
+# Last, so that it takes only what is left: into mixers_throughput.json (the device returns 8 files).
+run_step decode 40 "$PY" benchmarks/bench_decode.py "${DECODE[@]}" --into "$OUT/mixers_throughput.json"
 
 "$PY" benchmarks/gpu/common.py finish "$OUT"

@@ -78,6 +78,7 @@ def cmd_harness(args: argparse.Namespace) -> None:
 
 def _add_mqar(sub) -> None:
     from lmstack.eval.mqar import PRESETS
+    from lmstack.eval.mqar.probe import INITS, RECIPES
 
     p = sub.add_parser(
         "mqar",
@@ -86,6 +87,18 @@ def _add_mqar(sub) -> None:
         "learning rate; writes OUT.md, OUT.json and OUT.png. Presets: " + ", ".join(PRESETS),
     )
     p.add_argument("--preset", default=None, choices=sorted(PRESETS))
+    p.add_argument(
+        "--recipe",
+        default=None,
+        choices=RECIPES,
+        help="training recipe: zoology (Zoology's init, decay groups and schedule) or lmstack",
+    )
+    p.add_argument(
+        "--init",
+        default=None,
+        choices=INITS,
+        help="weight init: the recipe's, zoology (N(0, 0.02)) or scaled (N(0, 1/d_model))",
+    )
     p.add_argument(
         "--mixers", default=None, help="comma-separated (default: every registered mixer but shortconv)"
     )
@@ -159,6 +172,8 @@ def cmd_mqar(args: argparse.Namespace) -> None:
         val_size=args.val_size,
         test_size=args.test_size,
         epochs=args.epochs,
+        recipe=args.recipe,
+        init=args.init,
         patience=args.patience,
         seeds=args.seeds,
         batch_size=args.batch_size,

@@ -21,6 +21,7 @@ STEPS = [
     "ops_speed",
     "train_vs_hf",
     "mixers_throughput",
+    "decode",  # bench_decode.py, into mixers_throughput.json
 ]
 STEP_KEYS = {"step", "dry_run", "date_utc", "versions", "device", "results", "failures", "skipped"}
 
@@ -62,7 +63,7 @@ def test_dry_run_files_fit_what_the_device_returns(dry_run) -> None:
     assert "suite.log" in files and "=== ops_correctness" in (out / "suite.log").read_text()
 
 
-@pytest.mark.parametrize("step", [s for s in STEPS if s not in ("install", "train_vs_hf")])
+@pytest.mark.parametrize("step", [s for s in STEPS if s not in ("install", "train_vs_hf", "decode")])
 def test_step_json_has_results_or_skips_and_no_failures(dry_run, step: str) -> None:
     _, out = dry_run
     data = json.loads((out / f"{step}.json").read_text())
@@ -91,6 +92,14 @@ def test_step_contents(dry_run) -> None:
     train = load("train_vs_hf")
     assert {r["variant"] for r in train["results"]} == {"hf_llama", "lmstack"} and "vs_hf_llama" in train
     assert load("mixers_throughput")["results"][0]["tokens_per_s"] > 0
+    decode = load("mixers_throughput")["decode"]
+    assert decode["failures"] == [] and decode["quick"] is True
+    assert (
+        {r["mixer"] for r in decode["results"]}
+        == set(decode["mixers"])
+        == set(mixers["mixers"]) - {"shortconv"}
+    )
+    assert all(r["cache_equals_full"] for r in decode["results"])
 
 
 def test_budget_skips_what_does_not_fit(tmp_path: Path) -> None:

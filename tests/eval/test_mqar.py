@@ -312,3 +312,114 @@ def _settings(args: list[str]) -> dict:
     pairs = dict(zip(args[2::2], args[3::2]))
     cast = {"--lrs": lambda v: [float(v)], "--mixers": lambda v: [v]}
     return {k[2:].replace("-", "_"): cast.get(k, int)(v) for k, v in pairs.items() if k not in ("--out",)}
+
+
+# Zoology's recipe (zoology/train.py, zoology/model.py, its figure-2 configs): the preset, the weight
+# decay groups, the init, the learning-rate grid, the GLA variant at full key width.
+ZOOLOGY_NO_DECAY = {
+    # every probe: the RMSNorm gains and the first layer's convolution bias
+    "common": {
+        "blocks.0.mixer_norm.weight",
+        "blocks.0.mixer.conv.bias",
+        "blocks.0.mlp_norm.weight",
+        "blocks.1.mixer_norm.weight",
+        "blocks.1.mlp_norm.weight",
+        "norm.weight",
+    },
+    "gla": {
+        "blocks.1.mixer.norm_weight",
+        "blocks.1.mixer.gate_down.weight",
+        "blocks.1.mixer.gate_up.weight",
+        "blocks.1.mixer.gate_up.bias",
+    },
+    "deltanet": {"blocks.1.mixer.norm_weight", "blocks.1.mixer.beta_proj.weight"},
+    "moh": {"blocks.1.mixer.router.weight"},
+    "lightning": {"blocks.1.mixer.norm_weight"},
+    "attention": set(),
+}
+
+
+@pytest.mark.parametrize("mixer", ["gla", "deltanet", "moh", "lightning", "attention"])
+def test_zoology_param_groups_exempt_norms_biases_and_gates(mixer):
+    from lmstack.eval.mqar.probe import param_groups
+
+    data = mqar.sweep_config("cpu").data
+    model = LM(mqar.probe_model_config(mixer, 16, data, 4 if mixer == "moh" else 1))
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay, no_decay = param_groups(model, 0.1, "zoology")
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.1, 0.0)
+    assert {names[id(p)] for p in no_decay["params"]} == ZOOLOGY_NO_DECAY["common"] | ZOOLOGY_NO_DECAY[mixer]
+    # every other parameter is decayed once, the (tied) embedding and the projections included
+    assert {names[id(p)] for p in decay["params"]} == set(names.values()) - {
+        names[id(p)] for p in no_decay["params"]
+    }
+    assert "embed.weight" in {names[id(p)] for p in decay["params"]}
+    # the lmstack recipe decays everything
+    (everything,) = param_groups(model, 0.1, "lmstack")
+    assert len(everything["params"]) == len(names) and everything["weight_decay"] == 0.1
+
+
+@pytest.mark.parametrize("init,std", [("zoology", 0.02), ("scaled", 64**-0.5)])
+def test_probe_init_std(init, std):
+    torch.manual_seed(0)
+    data = mqar.sweep_config("zoology").data
+    model = LM(mqar.probe_model_config("attention", 64, data, init=init))
+    mixer = model.blocks[1].mixer
+    # 64 x 64 = 4096 samples: the sample std is within ~3% of the true one
+    for w, expected in (
+        (mixer.q_proj.weight, std),
+        (model.embed.weight, std),
+        (mixer.o_proj.weight, std / 2),
+    ):
+        assert abs(w.std().item() / expected - 1) < 0.05, (w.std().item(), expected)
+    with pytest.raises(LMStackError, match="init"):
+        mqar.probe_model_config("attention", 64, data, init="xavier")
+
+
+def test_zoology_recipe_presets_and_lr_grid():
+    import numpy as np
+
+    grid = np.logspace(-4, -2, 4)  # Zoology's figure-2 learning rates
+    for name in ("cpu", "zoology"):
+        cfg = mqar.sweep_config(name)
+        assert cfg.train.recipe == "zoology" and cfg.seeds >= 3
+        assert np.allclose(sorted(cfg.lrs), grid, rtol=0.025), cfg.lrs  # to 2 significant digits
+        assert cfg.variants == {"gla_k1": {"mixer": "gla", "options": {"expand_k": 1.0}}}
+    assert mqar.sweep_config("zoology").train.init == "recipe"  # Zoology's own N(0, 0.02)
+    assert mqar.sweep_config("cpu").train.init == "scaled"  # see the cpu preset's comment
+    assert mqar.sweep_config("zoology").train.epochs == 64
+    with pytest.raises(LMStackError, match="recipe"):
+        mqar.sweep_config("cpu", recipe="adam")
+
+
+def test_gla_variant_runs_at_full_key_width():
+    from lmstack.eval.mqar.sweep import mixer_and_options
+
+    cfg = mqar.sweep_config("cpu")
+    assert mixer_and_options(cfg, "gla_k1") == ("gla", {"gla": {"expand_k": 1.0}})
+    assert mixer_and_options(cfg, "swa") == ("swa", {"swa": {"window": 16}})
+    assert mixer_and_options(cfg, "gla") == ("gla", None)
+    half = LM(mqar.probe_model_config("gla", 16, cfg.data))
+    full = LM(mqar.probe_model_config("gla", 16, cfg.data, mixer_options={"gla": {"expand_k": 1.0}}))
+    assert mqar.state_size(full, 32) == 2 * mqar.state_size(half, 32) == 16 * 16  # K x V of the one head
+    with pytest.raises(LMStackError, match="unknown mixer 'nope'"):
+        mqar.sweep_config("cpu", variants={"x": {"mixer": "nope"}})
+
+
+def test_zoology_schedule_is_cosine_per_epoch_without_clipping(monkeypatch):
+    """The learning rate of every step: constant within an epoch, lr * (1 + cos(pi e / E)) / 2."""
+    seen = []
+    real_step = torch.optim.AdamW.step
+
+    def record(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", record)
+    cfg = mqar.MQARConfig(vocab_size=32, seq_len=16, num_kv_pairs=2, train_size=64, val_size=8, test_size=8)
+    settings = mqar.TrainSettings(recipe="zoology", epochs=4, batch_size=16, solved_at=2.0)
+    mqar.train_one("attention", 16, 1e-2, cfg, mqar.make_splits(cfg), settings, log=lambda m: None)
+    import math
+
+    expected = [1e-2 * (1 + math.cos(math.pi * e / 4)) / 2 for e in range(4) for _ in range(4)]
+    assert seen == pytest.approx(expected)

@@ -279,6 +279,9 @@ class TokenMixer(nn.Module):
     # The mixer takes what its slice needs from earlier slices through `context.sequence_parallel`
     # (lmstack.parallel); mixers that do not are refused for sequence-parallel runs.
     supports_sequence_parallel: ClassVar[bool] = False
+    # Names (prefixes) of this mixer's gate parameters: the projections that set how its state forgets
+    # or is written. Recipes that exempt gates from weight decay read them (lmstack.eval.mqar).
+    gate_parameters: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def validate_config(cls, config: ModelConfig, options: Any, paths: LayerPaths) -> None:

@@ -79,6 +79,7 @@ class DeltaNetState:
 class DeltaNet(TokenMixer):
     Options = DeltaNetOptions
     supports_sequence_parallel = True
+    gate_parameters = ("beta_proj",)  # the write strength β_t
 
     @classmethod
     def validate_config(cls, config: ModelConfig, options: DeltaNetOptions, paths: LayerPaths) -> None:

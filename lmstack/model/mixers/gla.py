@@ -72,6 +72,7 @@ class GLAState:
 class GatedLinearAttention(TokenMixer):
     Options = GLAOptions
     supports_sequence_parallel = True
+    gate_parameters = ("gate_down", "gate_up")  # the forget gate α_t
 
     @classmethod
     def validate_config(cls, config: ModelConfig, options: GLAOptions, paths: LayerPaths) -> None:

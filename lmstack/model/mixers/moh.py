@@ -79,6 +79,7 @@ def head_split(config: ModelConfig, options: MoHOptions) -> tuple[int, int, int]
 @register("moh")
 class MixtureOfHeadAttention(Attention):
     Options = MoHOptions
+    gate_parameters = ("router",)  # the head routing gate
     aux_losses = {"moh_balance": 0.01}
 
     @classmethod
