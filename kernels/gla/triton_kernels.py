@@ -241,9 +241,9 @@ if HAS_TRITON:
 
 def launch_configs(K: int, V: int, lowp: bool, arch: int | None) -> dict[str, dict]:
     """Per kernel, the tiles (BK, BV, BKS) and launch options the launchers pass: `gla_fwd`/`gla_bwd`
-    and the resource check (`compile_check.py`) both call this. Triton's default 3 stages fit every
-    head dim on sm_90 and sm_80 (benchmarks/results/kernel_resources.md); arch None: the interpreter."""
-    del lowp, arch  # one choice for every dtype and architecture so far
+    and the resource check (`compile_check.py`) both call this. One choice for every dtype and arch
+    (Triton's default 3 stages), until the check's table says otherwise; arch None: the interpreter."""
+    del lowp, arch
     BK, BV = state_tiles(K, V)  # forward and dv: [K, V-tile]
     BVf, BKt = state_tiles(V, K)  # dq and dk: [K-tile, V]
     key_tiled = dict(BK=BKt, BV=BVf, **launch_opts(BVf))
