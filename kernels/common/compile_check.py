@@ -40,6 +40,7 @@ OPS = {
     "lightning": "lmstack_kernels.lightning.compile_check",
     "gla": "lmstack_kernels.gla.compile_check",
     "deltanet": "lmstack_kernels.deltanet.compile_check",
+    "gated_deltanet": "lmstack_kernels.gated_deltanet.compile_check",
 }
 DIMS = (32, 64, 128, 256)
 DTYPES = ("fp32", "bf16")
