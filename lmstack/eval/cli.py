@@ -1,4 +1,4 @@
-"""`lmstack eval {harness,mqar,ppl}`: argument parsing only; the work is in harness, mqar and ppl."""
+"""`lmstack eval {harness,length,mqar,ppl}`: argument parsing only; the work is in harness, length, mqar and ppl."""
 
 from __future__ import annotations
 
@@ -221,10 +221,58 @@ def cmd_ppl(args: argparse.Namespace) -> None:
     print(json.dumps(result, indent=2))
 
 
+def _add_length(sub) -> None:
+    p = sub.add_parser(
+        "length",
+        help="loss per context position at several lengths (length generalisation)",
+        description="Loss and perplexity per bucket of context positions at each evaluation length, "
+        "through each model's normal forward; writes OUT.json and OUT.png (one panel per model).",
+    )
+    p.add_argument("models", nargs="+", help="exported model folders, or checkpoint / run directories")
+    p.add_argument("--data", default=None, help="prepared data folder (default: the run config's data.path)")
+    p.add_argument("--lengths", required=True, help="comma-separated evaluation lengths, e.g. 256,1024,4096")
+    p.add_argument("--bucket-size", type=int, default=64, help="context positions per bucket")
+    p.add_argument("--tokens-per-batch", type=int, default=8192, help="rows per batch = this // length")
+    p.add_argument(
+        "--max-rows", type=int, default=None, help="rows scored per length (default: the whole split)"
+    )
+    p.add_argument("--split", default="val")
+    p.add_argument(
+        "--join-documents",
+        action="store_true",
+        help="each row is one context (default: documents masked as in training)",
+    )
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--out", "-o", default=None, help="output prefix (writes PREFIX.json and PREFIX.png)")
+    p.set_defaults(func=cmd_length)
+
+
+def cmd_length(args: argparse.Namespace) -> None:
+    from lmstack.eval.length import run_length
+
+    report = run_length(
+        args.models,
+        args.data,
+        parse_list(args.lengths, int, "--lengths"),
+        bucket_size=args.bucket_size,
+        tokens_per_batch=args.tokens_per_batch,
+        max_rows=args.max_rows,
+        split=args.split,
+        device=args.device,
+        dtype=args.dtype,
+        join_documents=args.join_documents,
+        output=args.out,
+        log=lambda m: print(m, file=sys.stderr),
+    )
+    print(json.dumps(report, indent=2))
+
+
 def add_eval_parser(sub) -> None:
     """Register `eval` and its sub-commands on the top-level subparsers of `lmstack`."""
     p = sub.add_parser("eval", help="evaluate models: lm-eval harness, MQAR, held-out perplexity")
     eval_sub = p.add_subparsers(dest="eval_command", required=True, metavar="EVAL_COMMAND")
     _add_harness(eval_sub)
+    _add_length(eval_sub)
     _add_mqar(eval_sub)
     _add_ppl(eval_sub)

@@ -22,6 +22,48 @@ from lmstack.eval.loading import default_device, load_model
 
 
 @torch.no_grad()
+def scored_rows(
+    model,
+    data_dir: str | Path,
+    seq_len: int,
+    batch_size: int = 8,
+    max_batches: int | None = None,
+    split: str = "val",
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    join_documents: bool = False,
+):
+    """Yields (losses, labelled, doc_ids) per batch of the split's rows of `seq_len` tokens: the
+    next-token cross-entropy of each position in fp32 ([B, T], 0 where unlabelled), the labelled
+    mask ([B, T] bool) and the rows' document ids ([B, T], on the host). Documents are masked as in
+    training unless `join_documents` (then each row is one context, as a plain forward sees it)."""
+    import torch.nn.functional as F
+
+    from lmstack.data import ValReader
+    from lmstack.model import BatchContext
+    from lmstack.model.loss import IGNORE_INDEX
+
+    reader = ValReader(data_dir, seq_len, batch_size, split=split)
+    vocab = getattr(reader.index, "vocab_size", None)
+    if vocab is not None and vocab > model.config.vocab_size:
+        raise LMStackError(
+            f"{data_dir}: its tokenizer has {vocab} tokens but the model only {model.config.vocab_size}: "
+            "not the data this model was trained on"
+        )
+    model = model.to(device=device, dtype=dtype).eval()
+    for b, batch in enumerate(reader):
+        if max_batches is not None and b >= max_batches:
+            break
+        ids = batch.input_ids.to(device)
+        context = None if join_documents else BatchContext.from_doc_ids(batch.doc_ids, device)
+        logits = model(ids, context).logits
+        labels = batch.labels.to(device)
+        losses = F.cross_entropy(
+            logits.float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none"
+        )
+        yield losses, labels != IGNORE_INDEX, batch.doc_ids
+
+
 def perplexity(
     model,
     data_dir: str | Path,
@@ -32,32 +74,17 @@ def perplexity(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> dict[str, Any]:
-    from lmstack.data import ValReader
-    from lmstack.model import BatchContext
-    from lmstack.model.loss import next_token_loss_sum
-
-    reader = ValReader(data_dir, seq_len, batch_size, split=split)
-    vocab = getattr(reader.index, "vocab_size", None)
-    if vocab is not None and vocab > model.config.vocab_size:
-        raise LMStackError(
-            f"{data_dir}: its tokenizer has {vocab} tokens but the model only {model.config.vocab_size}: "
-            "not the data this model was trained on"
-        )
     if seq_len > model.config.max_seq_len:
         raise LMStackError(f"--seq-len {seq_len} exceeds the model's max_seq_len {model.config.max_seq_len}")
-    model = model.to(device=device, dtype=dtype).eval()
     nll, count, batches = 0.0, 0, 0
     start = time.perf_counter()
-    for batch in reader:
-        ids = batch.input_ids.to(device)
-        logits = model(ids, BatchContext.from_doc_ids(batch.doc_ids, device)).logits
-        labels = batch.labels.to(device)
-        loss_sum, n_labelled = next_token_loss_sum(logits, labels)
-        nll += loss_sum.item()
-        count += int(n_labelled)
+    for losses, labelled, _ in scored_rows(
+        model, data_dir, seq_len, batch_size, max_batches, split, device, dtype
+    ):
+        nll += losses.sum().item()
+        count += int(labelled.sum())
         batches += 1
-        if max_batches is not None and batches >= max_batches:
-            break
+    n_batches = math.ceil(math.ceil(max(_split_tokens(data_dir, split) - 1, 0) / seq_len) / batch_size)
     if count == 0:
         raise LMStackError(f"{data_dir}: the '{split}' split has no tokens to score")
     loss = nll / count
@@ -69,9 +96,15 @@ def perplexity(
         "loss": loss,
         "perplexity": math.exp(loss),
         "bits_per_token": loss / math.log(2),
-        "complete": max_batches is None or batches < max_batches or batches == len(reader),
+        "complete": batches == n_batches,
         "seconds": round(time.perf_counter() - start, 2),
     }
+
+
+def _split_tokens(data_dir: str | Path, split: str) -> int:
+    from lmstack.data import load_index
+
+    return load_index(data_dir).num_tokens(split)
 
 
 def run_ppl(
