@@ -5,7 +5,9 @@ an export, a run directory or a checkpoint for all of them. The CLI is `lmstack 
 (arguments in `lmstack.eval.cli`) and `lmstack compare`. Submodules are imported on use: lm-eval is heavy to import."""
 
 import contextlib
+import json
 import signal
+from pathlib import Path
 
 
 @contextlib.contextmanager
@@ -22,3 +24,12 @@ def sigterm_exits():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def write_report(report: dict, output: str, plot, log) -> None:
+    """`output` is a prefix: the report to PREFIX.json, `plot(report, path)`'s figure to PREFIX.png."""
+    out = Path(output).with_suffix("")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    plot(report, out.with_suffix(".png"))
+    log(f"wrote {out.with_suffix('.json')}, {out.with_suffix('.png')}")

@@ -12,7 +12,6 @@ training length is `eval ppl`'s.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 
 from lmstack.dtypes import parse_dtype
 from lmstack.errors import LMStackError
+from lmstack.eval import write_report
 from lmstack.eval.loading import default_device, load_model
 from lmstack.eval.ppl import scored_rows
 
@@ -172,11 +172,7 @@ def run_length(
         "models": results,
     }
     if output:
-        out = Path(output).with_suffix("")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-        plot_length_curves(report, out.with_suffix(".png"))
-        log(f"wrote {out.with_suffix('.json')}, {out.with_suffix('.png')}")
+        write_report(report, output, plot_length_curves, log)
     return report
 
 
