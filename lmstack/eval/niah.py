@@ -19,7 +19,6 @@ prefix, equals the needle's value exactly.
 
 from __future__ import annotations
 
-import json
 import random
 import time
 import uuid
@@ -30,6 +29,7 @@ from typing import Any
 import torch
 
 from lmstack.errors import LMStackError
+from lmstack.eval import write_report
 
 # RULER's single-needle prompt (lm_eval/tasks/ruler/niah_utils.py TEMPLATE, prepare_niah.py).
 TEMPLATE_HEAD = (
@@ -217,11 +217,7 @@ def run_niah(
         models.append(result)
     report = {"data": str(data_dir), "lengths": lengths, "depths": depths, "forms": forms, "models": models}
     if output:
-        out = Path(output).with_suffix("")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-        plot_heatmaps(report, out.with_suffix(".png"))
-        log(f"wrote {out.with_suffix('.json')}, {out.with_suffix('.png')}")
+        write_report(report, output, plot_heatmaps, log)
     return report
 
 
