@@ -261,7 +261,7 @@ def _add_length(sub) -> None:
     )
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--out", default="length", help="output prefix (writes PREFIX.json and PREFIX.png)")
+    p.add_argument("--out", "-o", default="length", help="output prefix (writes PREFIX.json and PREFIX.png)")
     p.set_defaults(func=cmd_length)
 
 
