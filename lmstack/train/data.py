@@ -203,9 +203,9 @@ def prepared_source(config: RunConfig, rank: int, world: int, micro_batch: int) 
 def named_val_batches(
     folder: Path, train_index, name: str, seq_len: int, micro_batch: int, rank: int, world: int
 ):
-    """Every token of a validation folder (`data.val_path.<name>`: its `train` split, i.e. the whole
-    stream of a folder prepared with data.val_fraction=0, then its `val` split if it has one), once,
-    checked to use the training data's tokenizer."""
+    """Every token of a validation folder (`data.val_path.<name>`: its `train` split, the whole stream of
+    a folder prepared with data.val_fraction=0; `lmstack eval ppl` reads the same), once, checked to
+    use the training data's tokenizer."""
     from lmstack.data import ValReader, load_index
 
     check_prepared(folder, f"data.val_path.{name}")
@@ -215,20 +215,5 @@ def named_val_batches(
             f"data.val_path.{name}: {folder} was prepared with another tokenizer (sha256 "
             f"{index.tokenizer['sha256'][:12]}) than data.path ({train_index.tokenizer['sha256'][:12]})"
         )
-    splits = [s for s in ("train", "val") if index.splits.get(s)]
-    readers = [ValReader(folder, seq_len, micro_batch, rank=rank, world_size=world, split=s) for s in splits]
-    return lambda: ChainedBatches(readers)
-
-
-class ChainedBatches:
-    """The batches of several validation readers one after the other (with their total length)."""
-
-    def __init__(self, readers) -> None:
-        self.readers = readers
-
-    def __len__(self) -> int:
-        return sum(len(r) for r in self.readers)
-
-    def __iter__(self):
-        for reader in self.readers:
-            yield from reader
+    split = "train" if index.splits.get("train") else "val"
+    return lambda: ValReader(folder, seq_len, micro_batch, rank=rank, world_size=world, split=split)

@@ -29,9 +29,9 @@ def test_a_run_with_val_path_logs_both_validation_sets(tiny_data, tmp_path):
         progress=False,
     )
     run = tmp_path / "run"
-    overrides = base_overrides(tiny_data, run, **{"train.max_steps": 2, "train.eval_every": 2}) + [
-        f"data.val_path={{heldout: {heldout}, own: {tiny_data}}}"
-    ]
+    overrides = base_overrides(
+        tiny_data, run, **{"train.max_steps": 2, "train.eval_every": 2, "train.eval_batches": None}
+    ) + [f"data.val_path={{heldout: {heldout}, own: {tiny_data}}}"]
     proc = cli_train(overrides)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (val,) = records(run, "val")
@@ -39,3 +39,10 @@ def test_a_run_with_val_path_logs_both_validation_sets(tiny_data, tmp_path):
         assert math.isfinite(val[f"val/{name}/loss"])
         assert val[f"val/{name}/ppl"] == math.exp(val[f"val/{name}/loss"])
     assert "val_loss" in val and val["val/heldout/loss"] != val["val/own/loss"]
+    # `lmstack eval ppl` on the final checkpoint reads the same folders (from the run's data.val_path)
+    # and, scoring every token once like the run's eval_batches=null, gets the same losses
+    from lmstack.eval.ppl import run_ppl
+
+    result = run_ppl(str(run), batch_size=4, device="cpu", log=lambda m: None)
+    for name in ("heldout", "own"):
+        assert abs(result["val_path"][name]["loss"] - val[f"val/{name}/loss"]) < 1e-5
