@@ -212,10 +212,24 @@ def _add_ppl(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-batches", type=int, default=None, help="stop after this many batches")
     p.add_argument("--split", default="val")
+    p.add_argument(
+        "--val-path",
+        action="append",
+        default=None,
+        metavar="NAME=FOLDER",
+        help="also score a named validation folder (repeatable; default: the run config's data.val_path)",
+    )
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--output", "-o", default=None, help="JSON file for the result")
     p.set_defaults(func=cmd_ppl)
+
+
+def _name_folder(value: str) -> tuple[str, str]:
+    name, sep, folder = value.partition("=")
+    if not sep or not name or not folder:
+        raise LMStackError(f"--val-path {value!r}: expected NAME=FOLDER")
+    return name, folder
 
 
 def cmd_ppl(args: argparse.Namespace) -> None:
@@ -232,6 +246,7 @@ def cmd_ppl(args: argparse.Namespace) -> None:
         args.output,
         split=args.split,
         log=lambda m: print(m, file=sys.stderr),
+        val_path=None if args.val_path is None else dict(_name_folder(v) for v in args.val_path),
     )
     print(json.dumps(result, indent=2))
 
