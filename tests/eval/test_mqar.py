@@ -192,7 +192,15 @@ def test_parallel_sweep_matches_sequential():
 
 
 def test_default_sweep_covers_registry_but_shortconv():
-    assert set(mqar.default_mixers()) == {"attention", "deltanet", "gla", "lightning", "moh", "swa"}
+    assert set(mqar.default_mixers()) == {
+        "attention",
+        "deltanet",
+        "gated_deltanet",
+        "gla",
+        "lightning",
+        "moh",
+        "swa",
+    }
     with pytest.raises(LMStackError, match="unknown mixer"):
         mqar.run_sweep(mqar.sweep_config(None, mixers=["nope"]), log=lambda m: None)
 

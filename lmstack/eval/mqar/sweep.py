@@ -114,6 +114,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "lrs": [1e-4, 4.6e-4, 2.2e-3, 1e-2],
         "seeds": 3,
         "variants": {"gla_k1": {"mixer": "gla", "options": {"expand_k": 1.0}}},
+        # Values as wide as the keys, as DeltaNet's: at one head of 256 the layer's default expand_v 2
+        # would ask for value heads of 512, past the op's largest head (256).
+        "mixer_options": {"gated_deltanet": {"expand_v": 1.0}},
     },
 }
 
