@@ -190,6 +190,10 @@ class TrainConfig:
     activation_checkpointing: bool = False
     # torch.compile each block; null: on with CUDA, off on CPU.
     compile: bool | None = None
+    # The LM head and cross-entropy fused, chunked over tokens (lmstack/model/loss.py): the micro-batch's
+    # [B, T, V] logits are never held. false: the plain head + cross-entropy. ZeRO stage 3 (partitioned
+    # head weight) always takes the plain path.
+    fused_loss: bool = True
     # Logging, evaluation, checkpoints (in optimizer steps).
     log_every: int = 10
     eval_every: int = 100
