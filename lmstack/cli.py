@@ -123,6 +123,10 @@ def cmd_compare(args: argparse.Namespace) -> None:
         harness_limit=limit,
         mqar_preset=None if args.mqar == "none" else args.mqar,
         mqar_settings=json_object(args.mqar_settings, "--mqar-settings"),
+        length_factor=None if args.length_factor == 0 else args.length_factor,
+        niah_lengths=None
+        if args.niah_lengths == "none"
+        else parse_list(args.niah_lengths, int, "--niah-lengths"),
     )
     command = " ".join(shlex.quote(a) for a in ["lmstack", "compare", *args.argv])
     report = run_compare(
@@ -254,6 +258,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mqar", default="quick", help="MQAR preset of the probe (see eval mqar), or none")
     p.add_argument(
         "--mqar-settings", default=None, help='JSON overrides of the MQAR preset, e.g. {"epochs": 2}'
+    )
+    p.add_argument(
+        "--length-factor", type=int, default=4, help="held-out perplexity at this x data.seq_len (0: skip)"
+    )
+    p.add_argument(
+        "--niah-lengths",
+        default="none",
+        help="comma-separated NIAH prompt lengths (none: skip), e.g. 512,1024",
     )
     p.set_defaults(func=cmd_compare)
 

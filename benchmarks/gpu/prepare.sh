@@ -27,13 +27,15 @@ rm -rf "$CARRY/whl" "$CARRY/data"
 mkdir -p "$CARRY/whl"
 
 # One version of each (two stop the install there). Pure-Python wheels but pydantic-core (cp312).
+# typing-extensions: pydantic 2.14.4 requires >= 4.16.0 (its METADATA); the carried copy comes first
+# on PYTHONPATH, so it must satisfy that (4.15.0 did not), and being newer it serves the image too.
 "$PY" -m pip wheel -q --no-deps -w "$CARRY/whl" deepspeed==0.19.8
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   -d "$CARRY/whl" \
   fla-core==0.6.0 flash-linear-attention==0.6.0 \
   hjson==3.1.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
-  typing-extensions==4.15.0
+  typing-extensions==4.16.0
 dupes=$(ls "$CARRY/whl" | sed 's/-[0-9].*//' | tr 'A-Z-' 'a-z_' | sort | uniq -d)
 if [[ -n "$dupes" ]]; then
   echo "prepare.sh: more than one wheel of: $dupes" >&2

@@ -72,11 +72,21 @@ def state_tiles(full: int, other: int) -> tuple[int, int]:
     return f, max(16, min(64, pow2(other), max(32, 4096 // f)))
 
 
-def launch_opts(f: int) -> dict:
-    """num_warps for a state block whose padded full dim is f (none when interpreting)."""
+def device_arch(x: torch.Tensor) -> int | None:
+    """The compute capability of x's GPU as one number (90 for sm_90), or None when interpreting:
+    the launchers pick tiles and stages per architecture (`launch_opts`)."""
+    if interpreting() or not x.is_cuda:
+        return None
+    major, minor = torch.cuda.get_device_capability(x.device)
+    return major * 10 + minor
+
+
+def launch_opts(f: int, num_stages: int | None = None) -> dict:
+    """num_warps for a state block whose padded full dim is f, and num_stages when given (Triton's
+    default, 3, otherwise); none when interpreting."""
     if interpreting():
         return {}
-    return {"num_warps": 8 if f >= 32 else 4}
+    return {"num_warps": 8 if f >= 32 else 4} | ({} if num_stages is None else {"num_stages": num_stages})
 
 
 def flatten_varlen(tensors, cu_seqlens):

@@ -27,8 +27,9 @@ __all__ = ["delta_rule_attn", "delta_rule_affine_map", "MIN_HEAD_DIM", "MAX_HEAD
 
 # The Triton kernels hold whole key rows ([chunk, K]) and a [K, V-tile] state per program.
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
-# Default block lengths: 32 in Triton (sm_90 compiles of 64 spill kilobytes of registers, 32 next
-# to none; `compile_check.py`), 64 in PyTorch (fewer steps of the sequential state loop).
+# Default block lengths: 32 in Triton (sm_90 compiles of 64 spill kilobytes of registers; at 32 the
+# spills per kernel are in benchmarks/results/kernel_resources.md, from
+# `python -m lmstack_kernels.common.compile_check`), 64 in PyTorch (fewer steps of the state loop).
 TRITON_CHUNK, TORCH_CHUNK = 32, 64
 
 

@@ -1,42 +1,38 @@
-"""Compile the DeltaNet Triton kernels for a GPU target without a GPU, and report registers and spills.
-
-    python -m lmstack_kernels.deltanet.compile_check --dims 64 128 --dtype bf16 --arch 90
-
-The tile sizes, block length and num_warps are those `delta_rule_fwd`/`delta_rule_bwd` would pick;
-the forward kernel is compiled twice: as the forward and in its state-recomputing form (see
-`lmstack_kernels.common.compile_check`). A development tool: nothing imports it.
+"""The DeltaNet kernels as the resource check compiles them (`lmstack_kernels.common.compile_check`):
+tiles and launch options from `launch_configs`, the one function the launchers also call; the
+forward kernel twice, as the forward and in its state-recomputing form.
 """
 
 from __future__ import annotations
 
-from lmstack_kernels.common.compile_check import main as compile_main
-
 FP32_ARGS = {"states", "dq", "dk", "dbeta"}  # the states and the per-V-tile gradient shares
 ARG_TYPES = {"chunk_offsets": "*i32", "TT": "i32"}
+INT_HINTS = ("TT",)  # the flattened token count: a multiple of 16 at training shapes, hinted by the JIT
 
 
-def jobs(D: int, lowp: bool) -> list[tuple[object, dict, int]]:
-    from lmstack_kernels.common.triton_utils import launch_opts
-    from lmstack_kernels.deltanet import TRITON_CHUNK
-    from lmstack_kernels.deltanet import triton_kernels as tk
+def variants(K: int, V: int, lowp: bool, arch: int) -> list[tuple[str, object, dict, dict]]:
+    """(kernel name, kernel, constexprs, launch options) of every kernel the launchers start."""
+    from lmstack_kernels.deltanet import TRITON_CHUNK, triton_kernels
 
-    BK, BV = tk.tiles(D, D)
-    forward = {"USE_H0": True, "STORE_O": True, "STORE_HT": True, "STORE_STATES": False}
-    states = {"USE_H0": True, "STORE_O": False, "STORE_HT": False, "STORE_STATES": True}
-    backward = {"USE_DHT": True, "STORE_DH0": True}
-    return [
-        (
-            fn,
-            dict(H=8, K=D, V=D, BT=TRITON_CHUNK, BK=BK, BV=BV, LOWP=lowp, **flags),
-            launch_opts(BK)["num_warps"],
-        )
-        for fn, flags in ((tk._fwd_kernel, forward), (tk._fwd_kernel, states), (tk._bwd_kernel, backward))
-    ]
+    return kernel_variants(triton_kernels, TRITON_CHUNK, K, V, lowp, arch)
 
 
-def main(argv: list[str] | None = None) -> None:
-    compile_main(__doc__.split("\n\n")[0], jobs, FP32_ARGS, argv, ARG_TYPES)
+def kernel_variants(
+    tk, BT: int, K: int, V: int, lowp: bool, arch: int
+) -> list[tuple[str, object, dict, dict]]:
+    """The variants of a module `tk` with DeltaNet's `_fwd_kernel`/`_bwd_kernel` flags and launch
+    configs (DeltaNet's, and Gated DeltaNet's, whose programs take one more per-token input)."""
+    from lmstack_kernels.common.compile_check import split
+    from lmstack_kernels.deltanet.triton_kernels import launch_configs
 
-
-if __name__ == "__main__":
-    main()
+    cfg = launch_configs(K, V, lowp, arch)
+    flags = {
+        "fwd": (tk._fwd_kernel, {"USE_H0": True, "STORE_O": True, "STORE_HT": True, "STORE_STATES": False}),
+        "states": (tk._fwd_kernel, {"USE_H0": True, "STORE_O": False, "STORE_HT": False, "STORE_STATES": True}),
+        "bwd": (tk._bwd_kernel, {"USE_DHT": True, "STORE_DH0": True}),
+    }  # fmt: skip
+    out = []
+    for name, (fn, extra) in flags.items():
+        consts, options = split(cfg[name])
+        out.append((name, fn, dict(H=8, K=K, V=V, BT=BT, LOWP=lowp, **consts, **extra), options))
+    return out

@@ -28,6 +28,7 @@ import torch
 
 from lmstack_kernels.common.triton_utils import (
     HAS_TRITON,
+    device_arch,
     interpreting,
     launch_opts,
     load_tile,
@@ -183,6 +184,17 @@ def tiles(K: int, V: int) -> tuple[int, int]:
     return BK, max(16, min(64 if BK <= 64 else 32, pow2(V)))
 
 
+def launch_configs(K: int, V: int, lowp: bool, arch: int | None) -> dict[str, dict]:
+    """Per kernel, the tiles (BK, BV) and launch options the launchers pass: `delta_rule_fwd`/
+    `delta_rule_bwd` and the resource check (`compile_check.py`) both call this; "states" is the
+    forward kernel in its state-recomputing form (the backward's first launch). arch None: the
+    interpreter."""
+    del lowp, arch  # one choice for every dtype and architecture so far
+    BK, BV = tiles(K, V)
+    cfg = dict(BK=BK, BV=BV, **launch_opts(BK))
+    return {"fwd": cfg, "states": cfg, "bwd": cfg}
+
+
 def _chunk_offsets(cu: torch.Tensor, BT: int) -> tuple[torch.Tensor, int]:
     """Index of each sequence's first block among all blocks, and a bound on the block count
     (Σ ⌈L_n / BT⌉ ≤ TT // BT + N) that needs no device-to-host copy."""
@@ -204,11 +216,11 @@ def delta_rule_fwd(q, k, v, beta, scale, h0, cu, output_final_state, BT, store_s
     if store_states:
         offsets, n_seq = _chunk_offsets(cu, BT)
         states = k.new_empty(TT // BT + n_seq, H, K, V, dtype=torch.float32)
-    BK, BV = tiles(K, V)
-    _fwd_kernel[(N * H, triton.cdiv(V, BV))](
-        q, k, v, beta, h0, o, ht, states, cu, offsets, scale, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
+    cfg = launch_configs(K, V, lowp, device_arch(k))["states" if store_states else "fwd"]
+    _fwd_kernel[(N * H, triton.cdiv(V, cfg["BV"]))](
+        q, k, v, beta, h0, o, ht, states, cu, offsets, scale, H=H, K=K, V=V, BT=BT,
         USE_H0=h0 is not None, STORE_O=not store_states, STORE_HT=output_final_state,
-        STORE_STATES=store_states, LOWP=lowp, **launch_opts(BK),
+        STORE_STATES=store_states, LOWP=lowp, **cfg,
     )  # fmt: skip
     return o, ht, (states, offsets)
 
@@ -221,8 +233,8 @@ def delta_rule_bwd(q, k, v, beta, scale, h0, cu, do, dht, need_dh0, BT):
     N = cu.numel() - 1
     lowp = k.dtype != torch.float32 and not interpreting()
     _, _, (states, offsets) = delta_rule_fwd(q, k, v, beta, scale, h0, cu, False, BT, store_states=True)
-    BK, BV = tiles(K, V)
-    NV = triton.cdiv(V, BV)
+    cfg = launch_configs(K, V, lowp, device_arch(k))["bwd"]
+    NV = triton.cdiv(V, cfg["BV"])
     dq = q.new_empty(NV, TT, H, K, dtype=torch.float32)
     dk = torch.empty_like(dq)
     dbeta = q.new_empty(NV, TT, H, dtype=torch.float32)
@@ -230,8 +242,7 @@ def delta_rule_bwd(q, k, v, beta, scale, h0, cu, do, dht, need_dh0, BT):
     dh0 = q.new_empty(N, H, K, V, dtype=torch.float32) if need_dh0 else None
     _bwd_kernel[(N * H, NV)](
         q, k, v, beta, states, dht, do.contiguous(), dq, dk, dv, dbeta, dh0, cu, offsets, scale, TT,
-        H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_DHT=dht is not None, STORE_DH0=need_dh0,
-        LOWP=lowp, **launch_opts(BK),
+        H=H, K=K, V=V, BT=BT, USE_DHT=dht is not None, STORE_DH0=need_dh0, LOWP=lowp, **cfg,
     )  # fmt: skip
     sum_shares = lambda x, like: x.sum(0).to(like.dtype).view(like.shape)
     return sum_shares(dq, q), sum_shares(dk, k), dv, sum_shares(dbeta, beta), dh0

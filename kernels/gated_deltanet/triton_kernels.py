@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import torch
 
-from lmstack_kernels.common.triton_utils import HAS_TRITON, interpreting, launch_opts, load_tile, tl, triton
-from lmstack_kernels.deltanet.triton_kernels import _chunk_offsets, tiles
+from lmstack_kernels.common.triton_utils import HAS_TRITON, device_arch, interpreting, load_tile, tl, triton
+from lmstack_kernels.deltanet.triton_kernels import _chunk_offsets, launch_configs
 
 __all__ = ["GatedDeltaRuleFunction", "HAS_TRITON", "interpreting"]
 
@@ -195,11 +195,12 @@ def gated_delta_rule_fwd(q, k, v, beta, g, scale, h0, cu, output_final_state, BT
     if store_states:
         offsets, n_seq = _chunk_offsets(cu, BT)
         states = k.new_empty(TT // BT + n_seq, H, K, V, dtype=torch.float32)
-    BK, BV = tiles(K, V)
-    _fwd_kernel[(N * H, triton.cdiv(V, BV))](
-        q, k, v, beta, g, h0, o, ht, states, cu, offsets, scale, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
+    # DeltaNet's tiles and launch options: the same programs with one more per-token input (g)
+    cfg = launch_configs(K, V, lowp, device_arch(k))["states" if store_states else "fwd"]
+    _fwd_kernel[(N * H, triton.cdiv(V, cfg["BV"]))](
+        q, k, v, beta, g, h0, o, ht, states, cu, offsets, scale, H=H, K=K, V=V, BT=BT,
         USE_H0=h0 is not None, STORE_O=not store_states, STORE_HT=output_final_state,
-        STORE_STATES=store_states, LOWP=lowp, **launch_opts(BK),
+        STORE_STATES=store_states, LOWP=lowp, **cfg,
     )  # fmt: skip
     return o, ht, (states, offsets)
 
@@ -212,8 +213,8 @@ def gated_delta_rule_bwd(q, k, v, beta, g, scale, h0, cu, do, dht, need_dh0, BT)
     N = cu.numel() - 1
     lowp = k.dtype != torch.float32 and not interpreting()
     _, _, (states, offsets) = gated_delta_rule_fwd(q, k, v, beta, g, scale, h0, cu, False, BT, True)
-    BK, BV = tiles(K, V)
-    NV = triton.cdiv(V, BV)
+    cfg = launch_configs(K, V, lowp, device_arch(k))["bwd"]
+    NV = triton.cdiv(V, cfg["BV"])
     dq = q.new_empty(NV, TT, H, K, dtype=torch.float32)
     dk = torch.empty_like(dq)
     dbeta = q.new_empty(NV, TT, H, dtype=torch.float32)
@@ -222,8 +223,7 @@ def gated_delta_rule_bwd(q, k, v, beta, g, scale, h0, cu, do, dht, need_dh0, BT)
     dh0 = q.new_empty(N, H, K, V, dtype=torch.float32) if need_dh0 else None
     _bwd_kernel[(N * H, NV)](
         q, k, v, beta, g, states, dht, do.contiguous(), dq, dk, dv, dbeta, dg, dh0, cu, offsets, scale,
-        TT, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_DHT=dht is not None, STORE_DH0=need_dh0,
-        LOWP=lowp, **launch_opts(BK),
+        TT, H=H, K=K, V=V, BT=BT, USE_DHT=dht is not None, STORE_DH0=need_dh0, LOWP=lowp, **cfg,
     )  # fmt: skip
     sum_shares = lambda x, like: x.sum(0).to(like.dtype).view(like.shape)
     return sum_shares(dq, q), sum_shares(dk, k), dv, sum_shares(dbeta, beta), sum_shares(dg, g), dh0

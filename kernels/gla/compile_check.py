@@ -1,37 +1,31 @@
-"""Compile the GLA Triton kernels for a GPU target without a GPU, and report registers and spills.
-
-    python -m lmstack_kernels.gla.compile_check --dims 64 128 256 --dtype bf16 --arch 90
-
-The tile sizes and num_warps are those `gla_fwd`/`gla_bwd` pick (see
-`lmstack_kernels.common.compile_check`). A development tool: nothing imports it.
+"""The GLA kernels as the resource check compiles them (`lmstack_kernels.common.compile_check`):
+tiles and launch options from `launch_configs`, the one function the launchers also call.
 """
 
 from __future__ import annotations
 
-from lmstack_kernels.common.compile_check import main as compile_main
+FP32_ARGS = {"dq"}  # dq: an fp32 buffer until dg is formed from it (MATH.md)
 
 
-def jobs(D: int, lowp: bool) -> list[tuple[object, dict, int]]:
-    from lmstack_kernels.common.triton_utils import launch_opts, state_tiles
+def SHAPES(D: int) -> list[tuple[int, int]]:
+    """(K, V) per head dim D: K = V, and the GLA mixer's default K = expand_k · V = V / 2."""
+    return [(D, D)] + ([(D // 2, D)] if D // 2 >= 16 else [])
+
+
+def variants(K: int, V: int, lowp: bool, arch: int) -> list[tuple[str, object, dict, dict]]:
+    """(kernel name, kernel, constexprs, launch options) of every kernel the launchers start."""
+    from lmstack_kernels.common.compile_check import split
     from lmstack_kernels.gla import triton_kernels as tk
 
-    BK, BV = state_tiles(D, D)  # forward and dv: [K, V-tile]
-    BVf, BKt = state_tiles(D, D)  # dq and dk: [K-tile, V]
+    cfg = tk.launch_configs(K, V, lowp, arch)
+    flags = {
+        "fwd": (tk._fwd_kernel, {"USE_H0": True, "STORE_HT": True}),
+        "bwd_dq": (tk._bwd_dq_kernel, {"USE_H0": True}),
+        "bwd_dk": (tk._bwd_dk_kernel, {"USE_DHT": True, "STORE_DH0": True}),
+        "bwd_dv": (tk._bwd_dv_kernel, {"USE_DHT": True}),
+    }
     out = []
-    for fn, bk, bv, extra in [
-        (tk._fwd_kernel, BK, BV, {"USE_H0": True, "STORE_HT": True, "BKS": min(BK, tk.BKS)}),
-        (tk._bwd_dq_kernel, BKt, BVf, {"USE_H0": True}),
-        (tk._bwd_dk_kernel, BKt, BVf, {"USE_DHT": True, "STORE_DH0": True}),
-        (tk._bwd_dv_kernel, BK, BV, {"USE_DHT": True, "BKS": min(BK, tk.BKS)}),
-    ]:
-        consts = dict(H=8, K=D, V=D, BT=tk.BT, BK=bk, BV=bv, LOWP=lowp, **extra)
-        out.append((fn, consts, launch_opts(max(bk, bv)).get("num_warps", 4)))
+    for name, (fn, extra) in flags.items():
+        consts, options = split(cfg[name])
+        out.append((name, fn, dict(H=8, K=K, V=V, BT=tk.BT, LOWP=lowp, **consts, **extra), options))
     return out
-
-
-def main(argv: list[str] | None = None) -> None:
-    compile_main(__doc__.split("\n\n")[0], jobs, {"dq"}, argv)  # dq: an fp32 buffer (MATH.md)
-
-
-if __name__ == "__main__":
-    main()

@@ -26,7 +26,13 @@ from __future__ import annotations
 
 import torch
 
-from lmstack_kernels.common.triton_utils import HAS_TRITON, interpreting, launch_opts, state_tiles
+from lmstack_kernels.common.triton_utils import (
+    HAS_TRITON,
+    device_arch,
+    interpreting,
+    launch_opts,
+    state_tiles,
+)
 
 BT = 16  # chunk length: the pairwise work inside a chunk grows with BT, the state work does not
 BKS = 32  # key columns per slice of the [BT, BT, BKS] pairwise products in the forward and dv kernels
@@ -233,6 +239,18 @@ if HAS_TRITON:
             b_dh = b_dh * tl.exp(g_tot)[:, None] + tl.dot(tl.trans((b_qs * tl.exp(G)).to(b_do.dtype)), b_do)
 
 
+def launch_configs(K: int, V: int, lowp: bool, arch: int | None) -> dict[str, dict]:
+    """Per kernel, the tiles (BK, BV, BKS) and launch options the launchers pass: `gla_fwd`/`gla_bwd`
+    and the resource check (`compile_check.py`) both call this. One choice for every dtype and arch
+    (Triton's default 3 stages), until the check's table says otherwise; arch None: the interpreter."""
+    del lowp, arch
+    BK, BV = state_tiles(K, V)  # forward and dv: [K, V-tile]
+    BVf, BKt = state_tiles(V, K)  # dq and dk: [K-tile, V]
+    key_tiled = dict(BK=BKt, BV=BVf, **launch_opts(BVf))
+    value_tiled = dict(BK=BK, BV=BV, BKS=min(BK, BKS), **launch_opts(BK))
+    return {"fwd": value_tiled, "bwd_dq": key_tiled, "bwd_dk": key_tiled, "bwd_dv": value_tiled}
+
+
 def gla_fwd(q, k, v, g, scale, h0, cu, output_final_state):
     """q, k, g: [1, TT, H, K]; v: [1, TT, H, V] contiguous; h0: [N, H, K, V] fp32 or None; cu: [N+1]
     int32 on q's device. Returns (o like v, final state fp32 or None)."""
@@ -242,10 +260,10 @@ def gla_fwd(q, k, v, g, scale, h0, cu, output_final_state):
     lowp = v.dtype != torch.float32 and not interpreting()
     o = torch.empty_like(v)
     ht = q.new_empty(N, H, K, V, dtype=torch.float32) if output_final_state else None
-    BK, BV = state_tiles(K, V)
-    _fwd_kernel[(N * H, triton.cdiv(V, BV))](
-        q, k, v, g, h0, o, ht, cu, scale, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, BKS=min(BK, BKS),
-        USE_H0=h0 is not None, STORE_HT=output_final_state, LOWP=lowp, **launch_opts(BK),
+    cfg = launch_configs(K, V, lowp, device_arch(q))["fwd"]
+    _fwd_kernel[(N * H, triton.cdiv(V, cfg["BV"]))](
+        q, k, v, g, h0, o, ht, cu, scale, H=H, K=K, V=V, BT=BT,
+        USE_H0=h0 is not None, STORE_HT=output_final_state, LOWP=lowp, **cfg,
     )  # fmt: skip
     return o, ht
 
@@ -262,19 +280,18 @@ def gla_bwd(q, k, v, g, scale, h0, ht, cu, do, dht, need_dh0):
     dq = torch.empty_like(q, dtype=torch.float32)
     dk, dv, dg = torch.empty_like(k), torch.empty_like(v), torch.empty_like(g)
     dh0 = q.new_empty(N, H, K, V, dtype=torch.float32) if need_dh0 else None
-    BVf, BKt = state_tiles(V, K)
-    _bwd_dq_kernel[(N * H, triton.cdiv(K, BKt))](
-        k, v, g, h0, do, dq, cu, scale, H=H, K=K, V=V, BT=BT, BK=BKt, BV=BVf,
-        USE_H0=h0 is not None, LOWP=lowp, **launch_opts(BVf),
+    cfg = launch_configs(K, V, lowp, device_arch(q))
+    _bwd_dq_kernel[(N * H, triton.cdiv(K, cfg["bwd_dq"]["BK"]))](
+        k, v, g, h0, do, dq, cu, scale, H=H, K=K, V=V, BT=BT,
+        USE_H0=h0 is not None, LOWP=lowp, **cfg["bwd_dq"],
     )  # fmt: skip
-    _bwd_dk_kernel[(N * H, triton.cdiv(K, BKt))](
-        q, k, v, g, ht, dht, do, dq, dk, dg, dh0, cu, scale, H=H, K=K, V=V, BT=BT, BK=BKt, BV=BVf,
-        USE_DHT=dht is not None, STORE_DH0=need_dh0, LOWP=lowp, **launch_opts(BVf),
+    _bwd_dk_kernel[(N * H, triton.cdiv(K, cfg["bwd_dk"]["BK"]))](
+        q, k, v, g, ht, dht, do, dq, dk, dg, dh0, cu, scale, H=H, K=K, V=V, BT=BT,
+        USE_DHT=dht is not None, STORE_DH0=need_dh0, LOWP=lowp, **cfg["bwd_dk"],
     )  # fmt: skip
-    BKf, BVt = state_tiles(K, V)
-    _bwd_dv_kernel[(N * H, triton.cdiv(V, BVt))](
-        q, k, g, dht, do, dv, cu, scale, H=H, K=K, V=V, BT=BT, BK=BKf, BV=BVt, BKS=min(BKf, BKS),
-        USE_DHT=dht is not None, LOWP=lowp, **launch_opts(BKf),
+    _bwd_dv_kernel[(N * H, triton.cdiv(V, cfg["bwd_dv"]["BV"]))](
+        q, k, g, dht, do, dv, cu, scale, H=H, K=K, V=V, BT=BT,
+        USE_DHT=dht is not None, LOWP=lowp, **cfg["bwd_dv"],
     )  # fmt: skip
     return dq.to(q.dtype), dk, dv, dg, dh0
 

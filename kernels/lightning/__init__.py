@@ -50,9 +50,7 @@ def _triton_path(q, k, v, decay, scale, initial_state, output_final_state, cu_se
     (q, k, v), cu = flatten_varlen((q, k, v), cu_seqlens)
     g = decay.detach().to(device=q.device, dtype=torch.float32).contiguous()
     h0 = None if initial_state is None else initial_state.float().contiguous()
-    o, ht = LightningAttnFunction.apply(
-        q, k, v, g, float(scale), h0, cu, output_final_state, chunk_size or 64
-    )
+    o, ht = LightningAttnFunction.apply(q, k, v, g, float(scale), h0, cu, output_final_state, chunk_size)
     return o.view(B, T, H, -1), ht
 
 
@@ -87,7 +85,8 @@ def lightning_attn(
         cu_seqlens: [N+1] integer cumulative document lengths over the tokens of a flattened batch
             (B must be 1, the varlen convention of flash-attention/fla); the state restarts at each
             document start (from initial_state[n] when given, else 0).
-        chunk_size: block length of the chunked algorithm (power of two, 16..128; default 64).
+        chunk_size: block length of the chunked algorithm (power of two, 16..128; default 64, or
+            what fits the GPU's shared memory for the Triton kernels: `triton_kernels.block_and_stages`).
         backend: "auto" (Triton for CUDA tensors, the chunked PyTorch path otherwise), "triton"
             (CUDA, or CPU under TRITON_INTERPRET=1) or "torch".
 

@@ -23,7 +23,13 @@ from __future__ import annotations
 
 import torch
 
-from lmstack_kernels.common.triton_utils import HAS_TRITON, interpreting, launch_opts, state_tiles
+from lmstack_kernels.common.triton_utils import (
+    HAS_TRITON,
+    device_arch,
+    interpreting,
+    launch_opts,
+    state_tiles,
+)
 
 if HAS_TRITON:
     import triton
@@ -202,6 +208,47 @@ if HAS_TRITON:
             )
 
 
+def block_and_stages(BK: int, lowp: bool, arch: int | None, chunk_size: int | None) -> dict:
+    """Block length BT (chunk_size, or this choice when None) and software-pipelining depth for a
+    state block with padded full dim BK. Each stage buffers a block's [BT, BK] tiles in shared memory,
+    so fp32 and large head dims need shorter blocks or fewer stages to fit the per-block limit (sm_90
+    227 KB, sm_80 163 KB). Measured with `python -m lmstack_kernels.common.compile_check` (triton 3.9,
+    worst of the four kernels; spills are ptxas' spill stores per thread):
+    - fp32, BK = 256, sm_90: BT 64 needs 380 KB at 3 stages, 244 KB at 2, 168 KB at 1 (1.2 KB
+      spills); BT 32 at 2 stages 100 KB, ≤ 168 B spills: the default.
+    - fp32, BK = 256, sm_80: BT 32 spills 9-11 KB in dq/dk (ptxas caps them at 32 registers); BT 16 at
+      2 stages 66 KB, ≤ 76 B spills: the default.
+    - fp32, BK = 128, sm_80: BT 64 needs 176 KB at 3 stages; BT 32 at 3 stages 88 KB, ≤ 72 B spills.
+    - bf16, BK = 256, sm_80: BT 64 needs 184 KB at 3 stages (8 KB spills in dk at 2); BT 32 at 3
+      stages 100 KB, ≤ 212 B spills.
+    Everything else keeps BT 64 and Triton's 3 stages (e.g. bf16 BK = 256 on sm_90: 192 KB). An
+    explicit chunk_size longer than the default gets fewer stages (fp32 BK = 256 at BT 64: 1 stage,
+    72-168 KB; sm_80 at BT 64: 2 stages, 104-116 KB). arch None (the interpreter): no launch options."""
+    if arch is None:
+        return {"BT": chunk_size or 64}
+    if not lowp and BK >= 256:
+        short, stages, longer_stages = (32 if arch >= 90 else 16), 2, 1
+    elif arch < 90 and (BK >= 256 or (not lowp and BK >= 128)):
+        short, stages, longer_stages = 32, 3, 2
+    else:
+        return {"BT": chunk_size or 64}
+    block = chunk_size or short
+    return {"BT": block, "num_stages": stages if block <= short else longer_stages}
+
+
+def launch_configs(K: int, V: int, lowp: bool, arch: int | None, chunk_size: int | None) -> dict[str, dict]:
+    """Per kernel, the block length BT, tiles (BK, BV) and launch options (num_warps, num_stages) the
+    launchers pass: `lightning_fwd`/`lightning_bwd` and the resource check (`compile_check.py`) both
+    call this, so the checked variants are the launched ones. arch None: Triton's interpreter."""
+    BK, BV = state_tiles(K, V)  # forward and dv: [K, V-tile]
+    BVf, BKt = state_tiles(V, K)  # dq and dk: [K-tile, V]
+    bt = block_and_stages(max(BK, BVf), lowp, arch, chunk_size)
+    stages = {n: v for n, v in bt.items() if n == "num_stages"}
+    key_tiled = dict(BT=bt["BT"], BK=BKt, BV=BVf, **launch_opts(BVf), **stages)
+    value_tiled = dict(BT=bt["BT"], BK=BK, BV=BV, **launch_opts(BK), **stages)
+    return {"fwd": value_tiled, "bwd_dq": key_tiled, "bwd_dk": key_tiled, "bwd_dv": value_tiled}
+
+
 def lightning_fwd(q, k, v, g, scale, h0, cu, output_final_state, BT):
     """q, k: [1, TT, H, K]; v: [1, TT, H, V] contiguous; g: [H] fp32; h0: [N, H, K, V] fp32 or None;
     cu: [N+1] int32 on q's device. Returns (o like v, final state fp32 or None)."""
@@ -211,10 +258,10 @@ def lightning_fwd(q, k, v, g, scale, h0, cu, output_final_state, BT):
     lowp = q.dtype != torch.float32 and not interpreting()
     o = torch.empty_like(v)
     ht = q.new_empty(N, H, K, V, dtype=torch.float32) if output_final_state else None
-    BK, BV = state_tiles(K, V)
-    _fwd_kernel[(N * H, triton.cdiv(V, BV))](
-        q, k, v, g, h0, o, ht, cu, scale, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
-        USE_H0=h0 is not None, STORE_HT=output_final_state, LOWP=lowp, **launch_opts(BK),
+    cfg = launch_configs(K, V, lowp, device_arch(q), BT)["fwd"]
+    _fwd_kernel[(N * H, triton.cdiv(V, cfg["BV"]))](
+        q, k, v, g, h0, o, ht, cu, scale, H=H, K=K, V=V,
+        USE_H0=h0 is not None, STORE_HT=output_final_state, LOWP=lowp, **cfg,
     )  # fmt: skip
     return o, ht
 
@@ -228,19 +275,18 @@ def lightning_bwd(q, k, v, g, scale, h0, cu, do, dht, need_dh0, BT):
     do = do.contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dh0 = q.new_empty(N, H, K, V, dtype=torch.float32) if need_dh0 else None
-    BVf, BKt = state_tiles(V, K)
-    _bwd_dq_kernel[(N * H, triton.cdiv(K, BKt))](
-        k, v, g, h0, do, dq, cu, scale, H=H, K=K, V=V, BT=BT, BK=BKt, BV=BVf,
-        USE_H0=h0 is not None, LOWP=lowp, **launch_opts(BVf),
+    cfg = launch_configs(K, V, lowp, device_arch(q), BT)
+    _bwd_dq_kernel[(N * H, triton.cdiv(K, cfg["bwd_dq"]["BK"]))](
+        k, v, g, h0, do, dq, cu, scale, H=H, K=K, V=V,
+        USE_H0=h0 is not None, LOWP=lowp, **cfg["bwd_dq"],
     )  # fmt: skip
-    _bwd_dk_kernel[(N * H, triton.cdiv(K, BKt))](
-        q, v, g, dht, do, dk, dh0, cu, scale, H=H, K=K, V=V, BT=BT, BK=BKt, BV=BVf,
-        USE_DHT=dht is not None, STORE_DH0=need_dh0, LOWP=lowp, **launch_opts(BVf),
+    _bwd_dk_kernel[(N * H, triton.cdiv(K, cfg["bwd_dk"]["BK"]))](
+        q, v, g, dht, do, dk, dh0, cu, scale, H=H, K=K, V=V,
+        USE_DHT=dht is not None, STORE_DH0=need_dh0, LOWP=lowp, **cfg["bwd_dk"],
     )  # fmt: skip
-    BKf, BVt = state_tiles(K, V)
-    _bwd_dv_kernel[(N * H, triton.cdiv(V, BVt))](
-        q, k, g, dht, do, dv, cu, scale, H=H, K=K, V=V, BT=BT, BK=BKf, BV=BVt,
-        USE_DHT=dht is not None, LOWP=lowp, **launch_opts(BKf),
+    _bwd_dv_kernel[(N * H, triton.cdiv(V, cfg["bwd_dv"]["BV"]))](
+        q, k, g, dht, do, dv, cu, scale, H=H, K=K, V=V,
+        USE_DHT=dht is not None, LOWP=lowp, **cfg["bwd_dv"],
     )  # fmt: skip
     return dq, dk, dv, dh0
 

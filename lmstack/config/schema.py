@@ -65,6 +65,10 @@ class DataConfig:
     # --- prepare-data: the output --------------------------------------------------------------
     # Every round(1 / val_fraction)-th document goes to the held-out validation split (0: none).
     val_fraction: float = 0.02
+    # train: named prepared folders evaluated besides data.path's val split, each logged as
+    # val/<name>/loss and val/<name>/ppl, e.g. {pile: data/pile_val} (the official Pile val.jsonl.zst
+    # prepared with data.val_fraction=0 and data.tokenizer=<data.path>/tokenizer.json).
+    val_path: dict[str, str] = field(default_factory=dict)
     # A shard closes once it holds this many megabytes of text.
     shard_mb: float = 64.0
     # Tokenizer worker processes (0: one per CPU core; 1: tokenize in this process).
@@ -91,6 +95,12 @@ class DataConfig:
             fail("bpe_train_mb", f"expected a positive number, got {self.bpe_train_mb}")
         if not 0.0 <= self.val_fraction <= 0.5:
             fail("val_fraction", f"expected a number in [0, 0.5], got {self.val_fraction}")
+        for name, folder in self.val_path.items():
+            if not name or not all(c.isalnum() or c in "_.-" for c in name) or not folder:
+                fail(
+                    f"val_path.{name}",
+                    f"expected a name of letters, digits, '_.-' and a folder, got {folder!r}",
+                )
         if self.shard_mb <= 0:
             fail("shard_mb", f"expected a positive number, got {self.shard_mb}")
         if self.num_workers < 0:

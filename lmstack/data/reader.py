@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmstack.data.shards import DataIndex, check_shard, load_index
+from lmstack.data.shards import DataIndex, check_shard, check_tokenizer, load_index
 from lmstack.errors import LMStackError
 from lmstack.model.loss import IGNORE_INDEX
 
@@ -169,6 +169,7 @@ class TokenStream:
         self.shards = index.shards(split)
         self.dtype = np.dtype(index.dtype).newbyteorder("<")
         if verify != "none":
+            check_tokenizer(index.path, index.tokenizer)
             for info in self.shards:
                 check_shard(index.path, info, self.dtype, full=verify == "full")
         # Shards whose checksum is still to be checked, before their first read.

@@ -11,7 +11,7 @@ plus `index.json` (all shard records, the tokenizer record, dtype, the preparati
 sha256 `checksum` of all that; written last, atomically) and the tokenizer files (see lmstack.data.tokenizer). Files are written under a
 `.tmp` name and renamed, so a half-written shard is never mistaken for a finished one.
 
-Integrity: readers check every shard's size when they open a split and its sha256 before its tokens
+Integrity: readers check the tokenizer.json's sha256 against the index's tokenizer record and every shard's size when they open a split and its sha256 before its tokens
 are first used (`TokenStream`, verify="first-use"), so a changed byte is reported with the shard's name
 and never trained on; `lmstack verify-data DATA_DIR` checks everything at once. sha256 (with the CPU's
 SHA instructions) hashed a 1 GB shard as fast as zlib.crc32 and 2.6x faster than blake2b here, and
@@ -183,6 +183,18 @@ def check_shard(data_dir: Path, info: ShardInfo, dtype: np.dtype, full: bool = F
             )
 
 
+def check_tokenizer(data_dir: Path, record: dict) -> None:
+    """Raise LMStackError naming the file when the folder's tokenizer.json is missing or its sha256
+    differs from the index's tokenizer record (a truncated or edited tokenizer is never used)."""
+    path = Path(data_dir) / record.get("file", "tokenizer.json")
+    if not path.is_file():
+        raise LMStackError(f"{path}: missing tokenizer file listed in {Path(data_dir) / INDEX_FILE}")
+    if sha256_file(path) != record["sha256"]:
+        raise LMStackError(
+            f"{path}: corrupted tokenizer: sha256 differs from the index; delete it and re-run `lmstack prepare-data`"
+        )
+
+
 @dataclass
 class DataIndex:
     """index.json of a prepared data folder."""
@@ -239,8 +251,12 @@ class DataIndex:
 
     def verify(self, full: bool = False) -> list[str]:
         """Check every shard's size (and with `full` its checksum) against the index; returns one
-        message per bad shard (empty: all good)."""
+        message per bad shard or tokenizer (empty: all good)."""
         problems = []
+        try:
+            check_tokenizer(self.path, self.tokenizer)
+        except LMStackError as err:
+            problems.append(str(err))
         for shards in self.splits.values():
             for info in shards:
                 try:

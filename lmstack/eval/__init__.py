@@ -5,7 +5,9 @@ an export, a run directory or a checkpoint for all of them. The CLI is `lmstack 
 (arguments in `lmstack.eval.cli`) and `lmstack compare`. Submodules are imported on use: lm-eval is heavy to import."""
 
 import contextlib
+import json
 import signal
+from pathlib import Path
 
 
 @contextlib.contextmanager
@@ -22,3 +24,18 @@ def sigterm_exits():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def write_report(report: dict, output: str, plot, log) -> None:
+    """`output` is a prefix: the report to PREFIX.json (written whole or not at all),
+    `plot(report, path)`'s figure to PREFIX.png."""
+    out = Path(output)
+    if out.suffix in (".json", ".png"):  # a file name given for the prefix
+        out = out.with_suffix("")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = out.with_name(out.name + ".json"), out.with_name(out.name + ".png")
+    tmp = json_path.with_name(json_path.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(json_path)
+    plot(report, png_path)
+    log(f"wrote {json_path}, {png_path}")

@@ -1,5 +1,4 @@
-"""`lmstack eval {harness,mqar,ppl,length}`: argument parsing only; the work is in harness, mqar, ppl and
-length."""
+"""`lmstack eval {harness,length,mqar,niah,ppl}`: argument parsing only; the work is in their modules."""
 
 from __future__ import annotations
 
@@ -213,10 +212,24 @@ def _add_ppl(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-batches", type=int, default=None, help="stop after this many batches")
     p.add_argument("--split", default="val")
+    p.add_argument(
+        "--val-path",
+        action="append",
+        default=None,
+        metavar="NAME=FOLDER",
+        help="also score a named validation folder (repeatable; default: the run config's data.val_path)",
+    )
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--output", "-o", default=None, help="JSON file for the result")
     p.set_defaults(func=cmd_ppl)
+
+
+def _name_folder(value: str) -> tuple[str, str]:
+    name, sep, folder = value.partition("=")
+    if not sep or not name or not folder:
+        raise LMStackError(f"--val-path {value!r}: expected NAME=FOLDER")
+    return name, folder
 
 
 def cmd_ppl(args: argparse.Namespace) -> None:
@@ -233,6 +246,7 @@ def cmd_ppl(args: argparse.Namespace) -> None:
         args.output,
         split=args.split,
         log=lambda m: print(m, file=sys.stderr),
+        val_path=None if args.val_path is None else dict(_name_folder(v) for v in args.val_path),
     )
     print(json.dumps(result, indent=2))
 
@@ -262,7 +276,7 @@ def _add_length(sub) -> None:
     )
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--out", default="length", help="output prefix (writes PREFIX.json and PREFIX.png)")
+    p.add_argument("--out", "-o", default="length", help="output prefix (writes PREFIX.json and PREFIX.png)")
     p.set_defaults(func=cmd_length)
 
 
@@ -289,13 +303,56 @@ def cmd_length(args: argparse.Namespace) -> None:
             print(f"{entry['model']}\t{r['length']}\t{r['tokens']}\t{r['loss']:.4f}\t{r['perplexity']:.3f}")
 
 
+def _add_niah(sub) -> None:
+    p = sub.add_parser(
+        "niah",
+        help="single-needle retrieval in RULER's format (passkey, number, uuid), offline",
+        description="RULER's NIAH-single prompts built offline in the model's tokens, needle at each depth, "
+        "scored by greedy generation (exact match); writes OUT.json and OUT.png (heatmaps).",
+    )
+    p.add_argument("models", nargs="+", help="exported model folders, or checkpoint / run directories")
+    p.add_argument("--data", default=None, help="prepared data folder: tokenizer and natural-text haystack")
+    p.add_argument("--lengths", required=True, help="comma-separated prompt lengths in tokens, e.g. 512,1024")
+    p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="comma-separated needle depths in [0, 1]")
+    p.add_argument("--forms", default="passkey,number,uuid", help="comma-separated: passkey, number, uuid")
+    p.add_argument("--samples", type=int, default=4, help="prompts per (form, length, depth)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split", default="val", help="split the natural-text haystack is drawn from")
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", "-o", default=None, help="output prefix (writes PREFIX.json and PREFIX.png)")
+    p.set_defaults(func=cmd_niah)
+
+
+def cmd_niah(args: argparse.Namespace) -> None:
+    from lmstack.eval.niah import run_niah
+
+    if args.samples < 1:
+        raise LMStackError(f"--samples: expected a positive integer, got {args.samples}")
+    report = run_niah(
+        args.models,
+        args.data,
+        parse_list(args.lengths, int, "--lengths"),
+        parse_list(args.depths, float, "--depths"),
+        parse_list(args.forms, str, "--forms"),
+        samples=args.samples,
+        seed=args.seed,
+        split=args.split,
+        device=args.device,
+        output=args.out,
+        log=lambda m: print(m, file=sys.stderr),
+    )
+    print(json.dumps(report, indent=2))
+
+
 def add_eval_parser(sub) -> None:
     """Register `eval` and its sub-commands on the top-level subparsers of `lmstack`."""
     p = sub.add_parser(
-        "eval", help="evaluate models: lm-eval harness, MQAR, held-out perplexity, loss against length"
+        "eval",
+        help="evaluate models: lm-eval harness, MQAR, held-out perplexity, loss against length, needle retrieval",
     )
     eval_sub = p.add_subparsers(dest="eval_command", required=True, metavar="EVAL_COMMAND")
     _add_harness(eval_sub)
-    _add_mqar(eval_sub)
-    _add_ppl(eval_sub)
     _add_length(eval_sub)
+    _add_mqar(eval_sub)
+    _add_niah(eval_sub)
+    _add_ppl(eval_sub)

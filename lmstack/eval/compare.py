@@ -3,12 +3,17 @@ same data, tokens and schedule, then one report.
 
     CONFIG(s) x --mixers -> OUT/runs/<name>/        one `lmstack train` process each (--resume auto)
                          -> hf/                     the Hugging Face export
-                         -> held-out perplexity, decoding state per sequence, MQAR probe, lm-eval
+                         -> held-out perplexity, decoding state per sequence, MQAR probe, lm-eval,
+                            perplexity at 4x data.seq_len (`eval length`), NIAH accuracy (`eval niah`)
                          -> OUT/compare.{md,json}, OUT/loss.png (overlaid curves)
 
 Every finished stage of a run leaves `OUT/runs/<name>/compare/<stage>.json`; running the same command
 again skips those stages, and an interrupted training continues from its last checkpoint, so a
 killed compare is resumed by running it again.
+
+Decoding cost comes from `benchmarks/bench_decode.py`, not from a stage here: when a run directory
+holds `decode.json` with `decode_ms_per_token` (an object from context length, as a string, to
+milliseconds per decoded token), the report shows its value at 8192 tokens.
 """
 
 from __future__ import annotations
@@ -201,6 +206,52 @@ def mqar_run(run: Run, preset: str, settings: dict[str, Any], log: Callable[[str
     return {"preset": preset, "settings": settings, **best, "data": result["config"]["data"]}
 
 
+def length_run(run: Run, factor: int, log: Callable[[str], None]) -> dict[str, Any]:
+    """Held-out loss and perplexity at `factor` x data.seq_len (`lmstack eval length`)."""
+    from lmstack.eval.length import run_length
+
+    L = factor * run.config.data.seq_len
+    try:
+        report = run_length([str(run.run_dir / "hf")], run.config.data.path, [L], log=log)
+    except LMStackError as err:
+        return {"skipped": str(err)}
+    r = report["models"][0]["lengths"][0]
+    return {"seq_len": L, "times_train_length": factor, "loss": r["loss"], "perplexity": r["perplexity"]}
+
+
+def niah_run(run: Run, lengths: list[int], samples: int, log: Callable[[str], None]) -> dict[str, Any]:
+    """Single-needle retrieval (`lmstack eval niah`, every form, depths 0.1/0.5/0.9); the accuracy
+    at the longest length."""
+    from lmstack.eval.niah import FORMS, run_niah
+
+    try:
+        report = run_niah(
+            [str(run.run_dir / "hf")],
+            run.config.data.path,
+            lengths,
+            [0.1, 0.5, 0.9],
+            list(FORMS),
+            samples,
+            log=log,
+        )
+    except LMStackError as err:
+        return {"skipped": str(err)}
+    longest = [c["accuracy"] for c in report["models"][0]["cells"] if c["length"] == max(lengths)]
+    return {
+        "length": max(lengths),
+        "accuracy": sum(longest) / len(longest),
+        "cells": report["models"][0]["cells"],
+    }
+
+
+def decode_ms_per_token(run: Run, length: int = 8192) -> float | None:
+    """ms per decoded token after `length` tokens from the run's `decode.json`, if one was written."""
+    path = run.run_dir / "decode.json"
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text()).get("decode_ms_per_token", {}).get(str(length))
+
+
 def harness_run(run: Run, tasks: list[str], batch_size: int, limit: float | None, log) -> dict[str, Any]:
     from lmstack.eval.harness import run_harness
 
@@ -225,6 +276,9 @@ class CompareSettings:
     harness_limit: float | None = None
     mqar_preset: str | None = "quick"  # None: no MQAR probe
     mqar_settings: dict[str, Any] | None = None
+    length_factor: int | None = 4  # perplexity at this multiple of data.seq_len; None: skipped
+    niah_lengths: list[int] | None = None  # NIAH context lengths; None: skipped
+    niah_samples: int = 2  # prompts per (form, length, depth)
 
 
 def _run_stages(
@@ -282,6 +336,10 @@ def run_compare(
     }
     if settings.mqar_preset is not None:
         stages["mqar"] = lambda r, lg: mqar_run(r, settings.mqar_preset, settings.mqar_settings or {}, lg)
+    if settings.length_factor is not None:
+        stages["length"] = lambda r, lg: length_run(r, settings.length_factor, lg)
+    if settings.niah_lengths:
+        stages["niah"] = lambda r, lg: niah_run(r, settings.niah_lengths, settings.niah_samples, lg)
     if settings.tasks:
         stages["harness"] = lambda r, lg: harness_run(
             r, settings.tasks, settings.harness_batch_size, settings.harness_limit, lg
@@ -292,6 +350,8 @@ def run_compare(
         results = [
             _run_stages(run, f"[{i}/{len(runs)}] {run.name}", stages, log) for i, run in enumerate(runs, 1)
         ]
+    for run, result in zip(runs, results):
+        result["decode_ms_per_token_8k"] = decode_ms_per_token(run)
     report = {
         "command": command,
         "runs": results,
@@ -300,6 +360,9 @@ def run_compare(
             "harness_limit": settings.harness_limit,
             "mqar_preset": settings.mqar_preset,
             "mqar_settings": settings.mqar_settings,
+            "length_factor": settings.length_factor,
+            "niah_lengths": settings.niah_lengths,
+            "niah_samples": settings.niah_samples,
         },
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -352,14 +415,32 @@ def _fmt(value: Any, spec: str, scale: float = 1.0) -> str:
     return "—" if value is None else format(value * scale, spec)
 
 
+def long_context_columns(runs: list[dict[str, Any]]) -> list[tuple[str, Callable[[dict], str]]]:
+    """(title, cell) of each long-context measure that some run has: perplexity at k x data.seq_len,
+    NIAH accuracy at the longest length, decode ms/token at 8K (from decode.json)."""
+    cols = []
+    length = next((r["length"] for r in runs if "perplexity" in r.get("length", {})), None)
+    if length is not None:
+        title = f"val ppl @{length['times_train_length']}x ({length['seq_len']})"
+        cols.append((title, lambda r: _fmt(r.get("length", {}).get("perplexity"), ".2f")))
+    niah = next((r["niah"] for r in runs if "accuracy" in r.get("niah", {})), None)
+    if niah is not None:
+        cols.append((f"NIAH acc @{niah['length']}", lambda r: _fmt(r.get("niah", {}).get("accuracy"), ".3f")))
+    if any(r.get("decode_ms_per_token_8k") is not None for r in runs):
+        cols.append(("decode ms/token @8K", lambda r: _fmt(r.get("decode_ms_per_token_8k"), ".2f")))
+    return cols
+
+
 def markdown(report: dict[str, Any]) -> str:
     runs = report["runs"]
     first = runs[0]["train"]
+
     task_cols: list[tuple[str, str]] = []
     for r in runs:
         for row in r.get("harness", {}).get("summary", []):
             if (row["task"], row["metric"]) not in task_cols:
                 task_cols.append((row["task"], row["metric"]))
+    long_cols = long_context_columns(runs)
     lines = [
         "# Mixer comparison",
         "",
@@ -370,9 +451,10 @@ def markdown(report: dict[str, Any]) -> str:
         "layers, after data.seq_len tokens.",
         "",
         "| run | params | val ppl | tokens/s | MFU | state / sequence | MQAR acc | "
+        + "".join(f"{title} | " for title, _ in long_cols)
         + " | ".join(f"{t} {m}" for t, m in task_cols)
         + " |",
-        "|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(task_cols),
+        "|---|---:|---:|---:|---:|---:|---:|" + "---:|" * (len(long_cols) + len(task_cols)),
     ]
     for r in runs:
         t, mq = r["train"], r.get("mqar", {})
@@ -385,6 +467,7 @@ def markdown(report: dict[str, Any]) -> str:
             _fmt(t["mfu"], ".1f", 100) + ("%" if t["mfu"] is not None else ""),
             f"{r['state']['elements']:,} (T={r['state']['seq_len']})",
             "—" if "accuracy" not in mq else f"{mq['accuracy']:.3f}",
+            *(cell(r) for _, cell in long_cols),
         ]
         for key in task_cols:
             h = rows.get(key)

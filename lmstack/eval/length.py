@@ -20,7 +20,6 @@ forward); the bucket losses, weighted by their token counts, average to the tota
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 
 from lmstack.dtypes import parse_dtype
 from lmstack.errors import LMStackError
+from lmstack.eval import write_report
 from lmstack.eval.loading import default_device, load_model
 from lmstack.eval.ppl import check_vocab, scored_batches
 from lmstack.model.loss import IGNORE_INDEX
@@ -170,14 +170,7 @@ def run_length(
         "models": results,
     }
     if out:
-        prefix = Path(out)
-        prefix.parent.mkdir(parents=True, exist_ok=True)
-        json_path = prefix.with_name(prefix.name + ".json")
-        tmp = json_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        tmp.replace(json_path)
-        png = plot_length(report, prefix.with_name(prefix.name + ".png"))
-        log(f"wrote {json_path} and {png}")
+        write_report(report, out, plot_length, log)
     return report
 
 

@@ -97,8 +97,11 @@ def run_ppl(
     output: str | None = None,
     split: str = "val",
     log=print,
+    val_path: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The work behind `lmstack eval ppl`."""
+    """The work behind `lmstack eval ppl`: `data_dir`'s `split`, then every named folder of `val_path`
+    (default: the run config's data.val_path) as `result["val_path"][name]`: its `train` split, the whole
+    stream of a folder prepared with data.val_fraction=0, as in training."""
     torch_dtype = parse_dtype(dtype)
     device = default_device(device)
     loaded = load_model(model_path, dtype, hf=False, device=device)
@@ -111,12 +114,33 @@ def run_ppl(
         seq_len = run_config.data.seq_len if run_config is not None else lm.config.max_seq_len
     result = perplexity(lm, data_dir, seq_len, batch_size, max_batches, split, device, torch_dtype)
     result["model"] = str(model_path)
-    log(
-        f"{model_path} on {data_dir} ({result['split']}, {result['tokens']} tokens, seq_len {seq_len}): "
-        f"loss {result['loss']:.4f}  ppl {result['perplexity']:.3f}  bits/token {result['bits_per_token']:.4f}"
-    )
+    _log_result(log, model_path, data_dir, result)
+    if val_path is None and run_config is not None:
+        val_path = run_config.data.val_path
+    named = {}
+    for name, folder in (val_path or {}).items():  # a folder prepared for validation: its whole stream
+        named_split = "train" if _has_split(folder, "train") else "val"
+        named[name] = perplexity(
+            lm, folder, seq_len, batch_size, max_batches, named_split, device, torch_dtype
+        )
+        _log_result(log, f"{model_path} [val/{name}]", folder, named[name])
+    if named:
+        result["val_path"] = named
     if output:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         Path(output).write_text(json.dumps(result, indent=2) + "\n")
         log(f"wrote {output}")
     return result
+
+
+def _has_split(folder: str | Path, split: str) -> bool:
+    from lmstack.data import load_index
+
+    return bool(load_index(folder).splits.get(split))
+
+
+def _log_result(log, model_path, data_dir, result: dict[str, Any]) -> None:
+    log(
+        f"{model_path} on {data_dir} ({result['split']}, {result['tokens']} tokens, seq_len {result['seq_len']}): "
+        f"loss {result['loss']:.4f}  ppl {result['perplexity']:.3f}  bits/token {result['bits_per_token']:.4f}"
+    )

@@ -11,7 +11,7 @@ A reader yields `lmstack.data.Batch`es (`input_ids`, `labels` (IGNORE_INDEX: ign
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -40,6 +40,8 @@ class DataSource:
     vocab_size: int | None
     # bos/eos/pad token ids of the data's tokenizer (recorded in the run's resolved model config).
     token_ids: dict[str, int | None] | None = None
+    # This rank's batches of each named validation folder (data.val_path), from the start.
+    named_val: dict[str, Callable[[], Iterable[Batch]]] = field(default_factory=dict)
 
 
 class SyntheticReader:
@@ -109,8 +111,13 @@ class SequenceSlices:
     @classmethod
     def of_source(cls, source: DataSource, rank: int, size: int) -> DataSource:
         """The same source with its training reader and validation batches sliced."""
-        val = None if source.val is None else (lambda: cls(source.val(), rank, size))
-        return replace(source, train=cls(source.train, rank, size), val=val)
+
+        def sliced(batches: Callable[[], Iterable[Batch]]) -> Callable[[], Iterable[Batch]]:
+            return lambda: cls(batches(), rank, size)
+
+        val = None if source.val is None else sliced(source.val)
+        named = {name: sliced(batches) for name, batches in source.named_val.items()}
+        return replace(source, train=cls(source.train, rank, size), val=val, named_val=named)
 
     def __iter__(self) -> SequenceSlices:
         self._it = iter(self.batches)
@@ -161,11 +168,11 @@ def with_data_token_ids(config: RunConfig, data: DataSource) -> RunConfig:
     return replace(config, model=replace(config.model, **ids)) if ids else config
 
 
-def check_prepared(path: Path) -> None:
+def check_prepared(path: Path, field_name: str = "data.path") -> None:
     if not (path / "index.json").is_file():
         raise LMStackError(
-            f"data.path: no prepared data in '{path}' (no index.json); run `lmstack prepare-data` with "
-            f"the same config first"
+            f"{field_name}: no prepared data in '{path}' (no index.json); run `lmstack prepare-data` with "
+            "the same config first"
         )
 
 
@@ -184,6 +191,29 @@ def prepared_source(config: RunConfig, rank: int, world: int, micro_batch: int) 
         def val() -> Iterable[Batch]:
             return ValReader(path, T, micro_batch, rank=rank, world_size=world)
 
+    named_val = {
+        name: named_val_batches(Path(folder), index, name, T, micro_batch, rank, world)
+        for name, folder in config.data.val_path.items()
+    }
     tok_dir = path / "tokenizer"
     ids = {k: v for k, v in model_token_ids(path).items() if k != "vocab_size"}
-    return DataSource(train, val, tok_dir if tok_dir.is_dir() else None, index.vocab_size, ids)
+    return DataSource(train, val, tok_dir if tok_dir.is_dir() else None, index.vocab_size, ids, named_val)
+
+
+def named_val_batches(
+    folder: Path, train_index, name: str, seq_len: int, micro_batch: int, rank: int, world: int
+):
+    """Every token of a validation folder (`data.val_path.<name>`: its `train` split, the whole stream of
+    a folder prepared with data.val_fraction=0; `lmstack eval ppl` reads the same), once, checked to
+    use the training data's tokenizer."""
+    from lmstack.data import ValReader, load_index
+
+    check_prepared(folder, f"data.val_path.{name}")
+    index = load_index(folder)
+    if index.tokenizer["sha256"] != train_index.tokenizer["sha256"]:
+        raise LMStackError(
+            f"data.val_path.{name}: {folder} was prepared with another tokenizer (sha256 "
+            f"{index.tokenizer['sha256'][:12]}) than data.path ({train_index.tokenizer['sha256'][:12]})"
+        )
+    split = "train" if index.splits.get("train") else "val"
+    return lambda: ValReader(folder, seq_len, micro_batch, rank=rank, world_size=world, split=split)

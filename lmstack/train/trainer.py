@@ -245,14 +245,28 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float] | None:
+        """Loss and perplexity on the data folder's own validation split (`val_loss`, `val_ppl`) and on
+        every named `data.val_path` folder (`val/<name>/loss`, `val/<name>/ppl`); None: nothing to do."""
+        if (self.data.val is None and not self.data.named_val) or self.config.train.eval_batches == 0:
+            return None
+        self.engine.eval()
+        out = {}
+        if self.data.val is not None:
+            loss = self._eval_loss(self.data.val)
+            out.update(val_loss=loss, val_ppl=math.exp(min(loss, 50.0)))
+        for name, batches in self.data.named_val.items():
+            loss = self._eval_loss(batches)
+            out.update({f"val/{name}/loss": loss, f"val/{name}/ppl": math.exp(min(loss, 50.0))})
+        self.engine.train()
+        return out
+
+    def _eval_loss(self, batches) -> float:
+        """Mean next-token loss over eval_batches micro-batches of `batches()` (all ranks together)."""
         import torch.distributed as dist
 
         n_batches = self.config.train.eval_batches
-        if self.data.val is None or n_batches == 0:
-            return None
-        self.engine.eval()
         total = torch.zeros(2, device=self.device, dtype=torch.float64)
-        source = self.data.val()
+        source = batches()
         it = iter(source)
         # eval_batches micro-batches in all, split over the ranks; null: the whole split once (the
         # validation reader gives every rank the same number of batches).
@@ -264,14 +278,12 @@ class Trainer:
             try:
                 batch = next(it)
             except StopIteration:  # a small validation split: start it over (same count on all ranks)
-                it = iter(self.data.val())
+                it = iter(batches())
                 batch = next(it)
             loss_sum, n, _ = self._forward_loss(batch, {})
             total += torch.stack([loss_sum.double(), n.double()])
-        self.engine.train()
         dist.all_reduce(total)
-        val_loss = (total[0] / total[1]).item()
-        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+        return (total[0] / total[1]).item()
 
     # -- the run ---------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -388,7 +400,7 @@ class Trainer:
             return {}
         logger.log("val", self.state.step, val)
         if self.layout.is_main:
-            bar.write(f"step {self.state.step}: val_loss {val['val_loss']:.4f}  val_ppl {val['val_ppl']:.2f}")
+            bar.write(f"step {self.state.step}: " + "  ".join(f"{k} {v:.4f}" for k, v in val.items()))
         return val
 
     def _on_skip(self, m: dict[str, Any], logger: RunLogger, bar) -> None:

@@ -89,3 +89,29 @@ def test_old_index_without_checksum_says_what_to_do(prepared, copy, capsys):
     # doing so keeps the shards and rewrites the index with its checksum
     index = prepare_data(dataclasses.replace(prepared[0], path=str(copy)), progress=False)
     assert index.stats["shards_written"] == [] and load_index(copy).num_tokens("train") > 0
+
+
+def test_a_truncated_tokenizer_is_refused_wherever_read(copy, capsys):
+    """tokenizer.json cut in half: verify-data, the training and validation readers (training, eval ppl,
+    mixture sources) and the tokenizer loader (export's source, prepare's reuse) all name it."""
+    from lmstack.data import ValReader, load_data_tokenizer
+
+    path = copy / "tokenizer.json"
+    text = path.read_bytes()
+    path.write_bytes(text[: len(text) // 2])
+    message = rf"{path}: corrupted tokenizer: sha256 differs from the index"
+    with pytest.raises(SystemExit) as exit_:
+        main(["verify-data", str(copy)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{path}: corrupted tokenizer: sha256 differs from the index" in err and "Traceback" not in err
+    for read in (
+        lambda: TrainReader(copy, 16, 2),
+        lambda: ValReader(copy, 16, 2),
+        lambda: load_data_tokenizer(copy),
+    ):
+        with pytest.raises(LMStackError, match=message):
+            read()
+    path.unlink()
+    with pytest.raises(LMStackError, match=rf"{path}: missing tokenizer file listed in"):
+        TrainReader(copy, 16, 2)

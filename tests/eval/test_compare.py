@@ -101,3 +101,25 @@ def test_runs_must_share_data_tokens_and_schedule(config, tmp_path):
         plan_runs(
             [str(config)], ["attention", "lightning"], ["model.layer_mixers=[shortconv,attention]"], tmp_path
         )
+
+
+def test_long_context_columns_appear_only_when_measured(tmp_path):
+    from types import SimpleNamespace
+
+    from lmstack.eval.compare import decode_ms_per_token, long_context_columns
+
+    run = SimpleNamespace(run_dir=tmp_path)
+    assert decode_ms_per_token(run) is None
+    (tmp_path / "decode.json").write_text(json.dumps({"decode_ms_per_token": {"8192": 1.25, "512": 0.5}}))
+    assert decode_ms_per_token(run) == 1.25
+    measured = {
+        "length": {"seq_len": 1024, "times_train_length": 4, "perplexity": 31.5},
+        "niah": {"length": 1024, "accuracy": 0.5},
+        "decode_ms_per_token_8k": 1.25,
+    }
+    skipped = {"length": {"skipped": "too short"}, "niah": {"skipped": "x"}, "decode_ms_per_token_8k": None}
+    cols = long_context_columns([measured, skipped])
+    assert [title for title, _ in cols] == ["val ppl @4x (1024)", "NIAH acc @1024", "decode ms/token @8K"]
+    assert [cell(measured) for _, cell in cols] == ["31.50", "0.500", "1.25"]
+    assert [cell(skipped) for _, cell in cols] == ["—", "—", "—"]
+    assert long_context_columns([skipped]) == []

@@ -100,6 +100,7 @@ def _shapes(config: ModelConfig, options: GatedDeltaNetOptions) -> tuple[int, in
 class GatedDeltaNet(TokenMixer):
     Options = GatedDeltaNetOptions
     supports_sequence_parallel = True
+    gate_parameters = ("a_proj", "b_proj", "A_log", "dt_bias")  # the decay g_t and the write strength β_t
 
     @classmethod
     def validate_config(cls, config: ModelConfig, options: GatedDeltaNetOptions, paths: LayerPaths) -> None:

@@ -1,0 +1,66 @@
+"""The kernel resource check (`lmstack_kernels.common.compile_check`) in CI: the variants nearest the
+shared-memory limits compile for sm_90 and sm_80 within them (the full matrix, ~7 min on 2 cores, is
+opt-in with --runslow and its table is committed in benchmarks/results/kernel_resources.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+pytest.importorskip("triton")
+
+
+def run_check(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    # A subprocess: the session runs Triton's interpreter, which @triton.jit reads at import.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-m", "lmstack_kernels.common.compile_check", *args, "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    path = tmp_path / "kernel_resources.json"
+    return proc, (json.loads(path.read_text())["results"] if path.exists() else [])
+
+
+def check_rows(proc, rows: list[dict], expected: int) -> None:
+    from lmstack_kernels.common.compile_check import SMEM_LIMIT, SPILL_BUDGET
+
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert len(rows) == expected
+    for r in rows:
+        assert "error" not in r and r["problems"] == [], r
+        assert 0 < r["shared_B"] <= SMEM_LIMIT[r["arch"]], r
+        assert 0 < r["registers"] <= 255 and 0 <= r["spill_stores_B"] <= SPILL_BUDGET, r
+
+
+def test_lightning_fp32_d256_and_d128_fit_hopper_and_ampere(tmp_path: Path) -> None:
+    # Triton's default 3 stages at BT 64 needed 380 KB (fp32 D=256) and 176 KB (sm_80 fp32 D=128).
+    proc, rows = run_check(tmp_path, "--ops", "lightning", "--dims", "128", "256", "--dtypes", "fp32")
+    check_rows(proc, rows, 4 * 2 * 2)
+    d256 = {(r["kernel"], r["arch"]): r for r in rows if r["K"] == 256}
+    assert d256["fwd", 90]["BT"] == 32 and d256["fwd", 90]["num_stages"] == 2
+    assert d256["fwd", 80]["BT"] == 16
+
+
+def test_problems_name_shared_memory_and_spills_over_their_limits() -> None:
+    # lightning fwd fp32 D=256 at Triton's defaults (BT 64, 3 stages), as measured: over sm_90's limit.
+    from lmstack_kernels.common.compile_check import SMEM_LIMIT, problems
+
+    row = {"arch": 90, "shared_B": 389120, "registers": 255, "spill_stores_B": 1212}
+    assert problems(row) == [f"shared memory 389120 B > sm_90's {SMEM_LIMIT[90]} B"]
+    assert problems(row | {"shared_B": 1024, "spill_stores_B": 10**6})[0].startswith("spill stores")
+
+
+@pytest.mark.slow
+def test_full_matrix_within_limits(tmp_path: Path) -> None:
+    from lmstack_kernels.common.compile_check import jobs
+
+    proc, rows = run_check(tmp_path)
+    check_rows(
+        proc,
+        rows,
+        len(jobs(("lightning", "gla", "deltanet"), (32, 64, 128, 256), ("fp32", "bf16"), (90, 80))),
+    )
