@@ -1,4 +1,4 @@
-"""train.fused_loss (on by default) trains the same model as the plain LM head + cross-entropy."""
+"""train.fused_loss=true trains the same model as the plain LM head + cross-entropy."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ def test_fused_loss_gives_the_plain_losses(tiny_data, tmp_path):
     (hence every update before them) agree to fp32 rounding."""
     runs = [
         {"overrides": base_overrides(tiny_data, tmp_path / name, **{"train.max_steps": 4, **extra})}
-        for name, extra in (("plain", {"train.fused_loss": False}), ("fused", {}))
+        for name, extra in (("plain", {"train.fused_loss": False}), ("fused", {"train.fused_loss": True}))
     ]
     res = run_trainings(runs)
     assert res.returncode == 0, res.stderr[-3000:]
