@@ -1,7 +1,8 @@
 """Input checks shared by the public ops: one-line ValueErrors that name the op and the argument.
 
-Value checks (that read a tensor back to the host) run only for CPU tensors: on CUDA they would stall
-the stream at every call of every layer; tests and small CPU runs catch those mistakes.
+Value checks (that read a tensor back to the host) run only for CPU tensors (`checks_values`): on
+CUDA they would stall the stream at every call of every layer, and under torch.compile each read is a
+graph break per layer per step; eager tests and small CPU runs catch those mistakes.
 """
 
 from __future__ import annotations
@@ -10,6 +11,11 @@ import torch
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BACKENDS = ("auto", "triton", "torch")
+
+
+def checks_values(x: torch.Tensor) -> bool:
+    """Whether to run the value checks that read `x`'s values back to the host: eager CPU calls only."""
+    return not x.is_cuda and not torch.compiler.is_compiling()
 
 
 def _shape(x) -> str:
@@ -68,7 +74,7 @@ def check_sequences(op: str, q, v, initial_state, cu_seqlens, backend: str) -> N
             raise ValueError(f"{op}: cu_seqlens must be a 1-D integer tensor [N+1]")
         if B != 1:
             raise ValueError(f"{op}: with cu_seqlens the batch must be flattened to B = 1, got B = {B}")
-        if not q.is_cuda:
+        if checks_values(q):
             cu = cu_seqlens.tolist()
             if cu[0] != 0 or cu[-1] != T or any(b < a for a, b in zip(cu, cu[1:])):
                 raise ValueError(f"{op}: cu_seqlens must rise from 0 to T = {T}, got {cu}")

@@ -16,6 +16,7 @@ from lmstack_kernels.common.checks import (
     check_float_tensor,
     check_qkv,
     check_sequences,
+    checks_values,
     use_triton,
 )
 from lmstack_kernels.common.compiler import disable_compile
@@ -34,8 +35,8 @@ TRITON_CHUNK, TORCH_CHUNK = 32, 64
 
 def _check_beta(op: str, k: torch.Tensor, beta) -> None:
     check_float_tensor(op, "beta", beta, k.shape[:3], "[B, T, H]", k.device)
-    # Value checks only for CPU tensors (no host sync on CUDA; see lmstack_kernels.common.checks).
-    if not k.is_cuda and beta.numel() and not bool(((beta >= 0) & (beta <= 2)).all()):
+    # Value checks only in eager CPU calls (see lmstack_kernels.common.checks.checks_values).
+    if checks_values(k) and beta.numel() and not bool(((beta >= 0) & (beta <= 2)).all()):
         raise ValueError(
             f"{op}: beta must lie in [0, 2] (up to 1: a contraction; above: negative eigenvalues)"
         )

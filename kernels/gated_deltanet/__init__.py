@@ -18,6 +18,7 @@ from lmstack_kernels.common.checks import (
     check_float_tensor,
     check_qkv,
     check_sequences,
+    checks_values,
     use_triton,
 )
 from lmstack_kernels.common.compiler import disable_compile
@@ -41,8 +42,8 @@ TRITON_CHUNK, TORCH_CHUNK = 32, 64
 def _check_beta_g(op: str, k: torch.Tensor, beta, g) -> None:
     _check_beta(op, k, beta)
     check_float_tensor(op, "g", g, k.shape[:3], "[B, T, H]", k.device)
-    # Value checks only for CPU tensors (no host sync on CUDA; see lmstack_kernels.common.checks).
-    if not k.is_cuda and g.numel() and not bool((g <= 0).all()):
+    # Value checks only in eager CPU calls (see lmstack_kernels.common.checks.checks_values).
+    if checks_values(k) and g.numel() and not bool((g <= 0).all()):
         raise ValueError(f"{op}: g must be a log decay, g <= 0 (with NaN refused), got max {g.max().item()}")
 
 

@@ -11,7 +11,13 @@ from __future__ import annotations
 
 import torch
 
-from lmstack_kernels.common.checks import check_float_tensor, check_qkv, check_sequences, use_triton
+from lmstack_kernels.common.checks import (
+    check_float_tensor,
+    check_qkv,
+    check_sequences,
+    checks_values,
+    use_triton,
+)
 from lmstack_kernels.common.chunked import trailing_tokens
 from lmstack_kernels.common.compiler import disable_compile
 from lmstack_kernels.gla.chunk import chunk_gla
@@ -24,8 +30,8 @@ MIN_HEAD_DIM, MAX_HEAD_DIM = 1, 256
 def _validate(q, k, v, g, initial_state, cu_seqlens, backend) -> None:
     check_qkv("gla_attn", q, k, v, MIN_HEAD_DIM, MAX_HEAD_DIM)
     check_float_tensor("gla_attn", "g", g, q.shape, "[B, T, H, K]", q.device)
-    # Value checks only for CPU tensors (no host sync on CUDA; see lmstack_kernels.common.checks).
-    if not q.is_cuda and g.numel() and not bool((g <= 0).all()):
+    # Value checks only in eager CPU calls (see lmstack_kernels.common.checks.checks_values).
+    if checks_values(q) and g.numel() and not bool((g <= 0).all()):
         raise ValueError("gla_attn: g holds log forget gates and must be ≤ 0 (no NaN), got a positive value")
     check_sequences("gla_attn", q, v, initial_state, cu_seqlens, backend)
 

@@ -10,7 +10,13 @@ from __future__ import annotations
 
 import torch
 
-from lmstack_kernels.common.checks import check_chunk_size, check_qkv, check_sequences, use_triton
+from lmstack_kernels.common.checks import (
+    check_chunk_size,
+    check_qkv,
+    check_sequences,
+    checks_values,
+    use_triton,
+)
 from lmstack_kernels.common.chunked import trailing_tokens
 from lmstack_kernels.common.compiler import disable_compile
 from lmstack_kernels.lightning.chunk import chunk_lightning_attn
@@ -28,8 +34,8 @@ def _validate(q, k, v, decay, initial_state, cu_seqlens, backend, chunk_size) ->
             f"lightning_attn: decay must be a float tensor of shape [H] = [{H}] (log λ per head), got "
             f"{tuple(decay.shape) if isinstance(decay, torch.Tensor) else type(decay).__name__}"
         )
-    # Value checks only for CPU tensors (no host sync on CUDA; see lmstack_kernels.common.checks).
-    if not q.is_cuda and (bool((decay > 0).any()) or not bool(torch.isfinite(decay).all())):
+    # Value checks only in eager CPU calls (see lmstack_kernels.common.checks.checks_values).
+    if checks_values(q) and (bool((decay > 0).any()) or not bool(torch.isfinite(decay).all())):
         raise ValueError("lightning_attn: decay is log λ and must be finite and ≤ 0 (0 < λ ≤ 1)")
     check_sequences("lightning_attn", q, v, initial_state, cu_seqlens, backend)
     check_chunk_size("lightning_attn", chunk_size)

@@ -89,8 +89,10 @@ class Engine:
         for group in self.ds.optimizer.param_groups:
             group["lr"] = lr
 
-    def __call__(self, input_ids: torch.Tensor, context: BatchContext) -> LMOutput:
-        return self.ds(input_ids, context)
+    def __call__(
+        self, input_ids: torch.Tensor, context: BatchContext, return_hidden: bool = False
+    ) -> LMOutput:
+        return self.ds(input_ids, context, return_hidden=return_hidden)
 
     def backward(self, loss: torch.Tensor, last_micro_batch: bool) -> None:
         """Accumulate the gradients of one micro-batch (DeepSpeed counts micro-steps: the ones before

@@ -31,7 +31,7 @@ from lmstack.config import dump_config
 from lmstack.config.schema import RunConfig
 from lmstack.errors import LMStackError
 from lmstack.model import BatchContext
-from lmstack.model.loss import IGNORE_INDEX, next_token_loss_sum
+from lmstack.model.loss import IGNORE_INDEX, fused_linear_next_token_loss_sum, next_token_loss_sum
 from lmstack.parallel import build_layout
 from lmstack.train import distributed
 from lmstack.train.build import aux_loss_weights, build_model
@@ -152,8 +152,14 @@ class Trainer:
         labels = batch.labels.to(self.device, non_blocking=True)
         context = BatchContext.from_doc_ids(batch.doc_ids, self.device, offsets=batch.doc_offsets)
         context.sequence_parallel = self.groups.sequence
-        out = self.engine(ids, context)
-        loss_sum, n_labelled = next_token_loss_sum(out.logits, labels)
+        # ZeRO-3 partitions the head weight outside the head's own forward: plain path there.
+        fused = self.config.train.fused_loss and self.zero_stage < 3
+        out = self.engine(ids, context, return_hidden=fused)
+        if fused:
+            head = self.engine.module.lm_head.weight
+            loss_sum, n_labelled = fused_linear_next_token_loss_sum(out.logits, head, labels)
+        else:
+            loss_sum, n_labelled = next_token_loss_sum(out.logits, labels)
         aux_loss = torch.zeros((), device=self.device)
         for key, value in out.aux.items():
             name = key.split("/")[0]
