@@ -33,6 +33,11 @@ def cmd_prepare_data(args: argparse.Namespace) -> None:
     from lmstack.data import prepare_data
 
     config = load_run_config(args)
+    if config.data.mixture:
+        raise LMStackError(
+            "data.mixture: prepare-data writes one folder (data.path); prepare each source with its own "
+            "data.path (and the same data.tokenizer), then train on the mixture"
+        )
     index = prepare_data(config.data, progress=not args.quiet)
     st = index.stats
     print(

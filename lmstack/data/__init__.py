@@ -5,6 +5,8 @@ Public API (imported lazily, so that tokenizer worker processes stay light):
 - `prepare_data(cfg: DataConfig, *, progress=True, log=None) -> DataIndex` — `lmstack prepare-data`.
 - `TrainReader(data_dir, seq_len, batch_size, *, rank=0, world_size=1, seed=0, verify="first-use")` —
   infinite, shuffled, rank-sharded `Batch`es with `state_dict()` / `load_state_dict()`.
+- `MixtureReader(sources, seq_len, batch_size, *, rank=0, world_size=1, seed=0)` — the same over
+  weighted prepared folders (`data.mixture`; lmstack.data.mixture).
 - `ValReader(data_dir, seq_len, batch_size, *, rank=0, world_size=1)` — every validation token once.
 - `Batch(input_ids, labels, doc_ids, sample_ids)` — `[B, T]` int64 tensors (labels -100 = ignore).
 - `load_index(data_dir) -> DataIndex`, `load_data_tokenizer(data_dir) -> DataTokenizer`,
@@ -23,6 +25,7 @@ _EXPORTS = {
     "prepare_settings": "lmstack.data.prepare",
     "TrainReader": "lmstack.data.reader",
     "ValReader": "lmstack.data.reader",
+    "MixtureReader": "lmstack.data.mixture",
     "Batch": "lmstack.data.reader",
     "TokenStream": "lmstack.data.reader",
     "model_token_ids": "lmstack.data.reader",
