@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmstack.data.reader import _U64, Batch, TrainReader, _check_rank, _mix64
+from lmstack.data.reader import _U64, Batch, TrainingOrder, TrainReader, _mix64
 from lmstack.errors import LMStackError
 
 STATE_KIND = "lmstack.data.MixtureReader"
@@ -39,7 +39,7 @@ _GOLDEN = _U64(0x9E3779B97F4A7C15)  # splitmix64's increment
 _TOKEN_FIELDS = ("sha256", "eos_token_id", "bos_token_id", "pad_token_id", "add_bos")
 
 
-class MixtureReader:
+class MixtureReader(TrainingOrder):
     """Endless batches of one data-parallel rank drawn from weighted prepared folders; see the module
     docstring. sources: (name, folder, weight) each, weights > 0 (normalised here); the other
     arguments as for `TrainReader`."""
@@ -55,7 +55,7 @@ class MixtureReader:
         seed: int = 0,
         verify: str = "first-use",
     ) -> None:
-        _check_rank(rank, world_size, batch_size, seq_len)
+        super().__init__(seq_len, batch_size, rank, world_size, seed)
         if not sources:
             raise LMStackError("mixture: expected at least one source")
         weights = np.array([w for _, _, w in sources], dtype=np.float64)
@@ -67,21 +67,8 @@ class MixtureReader:
         self.weights = (weights / weights.sum()).tolist()
         self._bounds = np.cumsum(self.weights)
         self._bounds[-1] = 1.0  # every u < 1 falls into a source despite rounding
-        self.seq_len, self.batch_size, self.rank, self.world_size, self.seed = (
-            seq_len,
-            batch_size,
-            rank,
-            world_size,
-            seed,
-        )
         self._key = _mix64(np.array([seed & (2**64 - 1)], dtype=np.uint64) ^ _U64(0x6D697874757265))[0]
-        self.consumed_samples = 0
         self.consumed_per_source = [0] * len(sources)
-
-    @property
-    def samples_per_step(self) -> int:
-        """Global samples consumed by one call of `next()` (on every rank together)."""
-        return self.batch_size * self.world_size
 
     def sources_at(self, positions: np.ndarray) -> np.ndarray:
         """The source number of each global position of the training order."""
@@ -102,7 +89,7 @@ class MixtureReader:
             np.arange(self.consumed_samples, self.consumed_samples + self.samples_per_step)
         )
         within = np.empty(len(sources), dtype=np.int64)
-        for s, reader in enumerate(self.readers):
+        for s in range(len(self.readers)):
             drawn = sources == s
             within[drawn] = self.consumed_per_source[s] + np.arange(int(drawn.sum()))
             self.consumed_per_source[s] += int(drawn.sum())
@@ -123,12 +110,6 @@ class MixtureReader:
                 getattr(batch, name)[rows] = getattr(part, name)
         self.consumed_samples += self.samples_per_step
         return batch
-
-    def __iter__(self) -> MixtureReader:
-        return self
-
-    def __next__(self) -> Batch:
-        return self.next_batch()
 
     def _sources_record(self) -> list[dict]:
         return [

@@ -4,14 +4,10 @@ val/<name>. The noise hook draws random numbers every step, as in test_resume.py
 
 from __future__ import annotations
 
-import json
 import signal
 
 import pytest
-from conftest import base_overrides, cli_train, losses, records
-
-from lmstack.config import DataConfig
-from lmstack.data import prepare_data
+from conftest import base_overrides, cli_train, losses, prepare_with_tokenizer, records
 
 STEPS = 8
 NOISE = "loss_noise:0.1"
@@ -20,21 +16,9 @@ NOISE = "loss_noise:0.1"
 @pytest.fixture(scope="module")
 def second_source(tiny_data, tmp_path_factory):
     """A second prepared folder with tiny_data's tokenizer (other text)."""
-    root = tmp_path_factory.mktemp("mixture")
-    src = root / "other.jsonl"
     docs = [f"other document {i}: the sword and the crown in the night. " * (4 + i % 5) for i in range(24)]
-    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    path = root / "other"
-    cfg = DataConfig(
-        path=str(path),
-        source="jsonl",
-        source_options={"jsonl": {"inputs": [str(src)]}},
-        tokenizer=str(tiny_data / "tokenizer.json"),
-        val_fraction=0.25,
-        num_workers=1,
-    )
-    prepare_data(cfg, progress=False)
-    return path
+    root = tmp_path_factory.mktemp("mixture")
+    return prepare_with_tokenizer(root / "other", docs, tiny_data / "tokenizer.json", 0.25)
 
 
 def overrides(tiny_data, second_source, run_dir):
