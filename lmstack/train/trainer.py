@@ -246,7 +246,8 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float] | None:
         """Loss and perplexity on the data folder's own validation split (`val_loss`, `val_ppl`) and on
-        every named `data.val_path` folder (`val/<name>/loss`, `val/<name>/ppl`); None: nothing to do."""
+        every named `data.val_path` folder and `data.mixture` source's val split (`val/<name>/loss`,
+        `val/<name>/ppl`); None: nothing to do."""
         if (self.data.val is None and not self.data.named_val) or self.config.train.eval_batches == 0:
             return None
         self.engine.eval()

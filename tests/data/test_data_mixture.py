@@ -195,3 +195,17 @@ def test_mixture_config_errors_are_one_line(overrides, message):
     with pytest.raises(ConfigError) as err:
         load_config(None, overrides)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_an_unprepared_source_and_prepare_data_of_a_mixture_are_refused(folders, tmp_path, capsys):
+    from lmstack.cli import main
+    from lmstack.train.data import check_train_folders
+
+    config = load_config(None, [f"data.mixture=[{{path: {folders['a']}}}, {{path: {tmp_path / 'none'}}}]"])
+    with pytest.raises(LMStackError, match=r"^data.mixture\[1\].path: no prepared data in"):
+        check_train_folders(config)
+    with pytest.raises(SystemExit) as exit_:
+        main(["prepare-data", f"data.mixture=[{{path: {folders['a']}}}]"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "data.mixture: prepare-data writes one folder (data.path)" in err and "\n" not in err

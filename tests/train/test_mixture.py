@@ -7,7 +7,7 @@ from __future__ import annotations
 import signal
 
 import pytest
-from conftest import base_overrides, cli_train, losses, prepare_with_tokenizer, records
+from conftest import base_overrides, cli_train, losses, prepare_with_tokenizer, records, run_trainings
 
 STEPS = 8
 NOISE = "loss_noise:0.1"
@@ -57,3 +57,26 @@ def test_mixture_sigkill_and_resume_gives_the_same_steps(tiny_data, second_sourc
     train = records(run_dir, "train")
     assert len(train) == STEPS + 2
     assert all(token_counts(r) == expected[r["step"]] for r in train)
+
+
+@pytest.mark.slow
+def test_mixture_resumes_on_another_number_of_ranks(tiny_data, second_source, tmp_path):
+    """Saved by 2 data-parallel ranks at step 3, resumed on 1: the losses of the 2-rank run (rel 1e-5:
+    1 and 2 ranks sum in another order, as in test_resume_world_size.py) and the same token counts."""
+
+    def spec(name, resume=None):
+        extra = ["train.max_steps=6", "train.decay_steps=4"]
+        return {
+            "overrides": [*overrides(tiny_data, second_source, tmp_path / name), *extra],
+            "resume": resume,
+        }
+
+    res = run_trainings([spec("ref2")], nproc=2)
+    assert res.returncode == 0, res.stderr[-3000:]
+    res = run_trainings([spec("2to1", str(tmp_path / "ref2" / "checkpoints" / "step_00000003"))])
+    assert res.returncode == 0, res.stderr[-3000:]
+    expected, got = losses(tmp_path / "ref2"), losses(tmp_path / "2to1")
+    assert sorted(got) == [4, 5, 6]
+    assert all(abs(got[s] - expected[s]) <= 1e-5 * abs(expected[s]) for s in got), (got, expected)
+    counts = {r["step"]: token_counts(r) for r in records(tmp_path / "ref2", "train")}
+    assert all(token_counts(r) == counts[r["step"]] for r in records(tmp_path / "2to1", "train"))
