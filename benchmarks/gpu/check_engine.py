@@ -43,7 +43,7 @@ TRAIN = {
     ],
 }  # fmt: skip
 COMMON = ["train.zero_stage=2", "train.precision=auto", "train.progress_bar=false", "train.tensorboard=false"]
-PROBE_STEPS = {"gpu": 6, "dry": 4}
+PROBE_STEPS = {"gpu": 6, "dry": 3}
 COMPILED_STEPS = 2  # steps that compile: the first (training graphs), the second (recompiles seen on CPU)
 PROBE = ["train.compile=true", "train.log_every=1", "train.eval_batches=0", f"train.save_every={10**9}"]
 PROBE_MARGIN_S = 20  # of the step's cap, kept for reading the metrics and writing the file

@@ -105,15 +105,15 @@ fi
 # The caps: benchmarks/README.md, "Time caps" (tests/benchmarks/test_gpu_suite.py keeps them within
 # the budget and equal to the README's table).
 run_step warmup 90 "$PY" benchmarks/gpu/warmup.py --out "$OUT" "${DRY_FLAG[@]}"
-run_step ops_correctness 50 "$PY" benchmarks/gpu/check_ops.py --out "$OUT" "${DRY_FLAG[@]}"
-run_step mixer_checks 50 "$PY" benchmarks/gpu/check_mixers.py --out "$OUT" "${DRY_FLAG[@]}"
+run_step ops_correctness 45 "$PY" benchmarks/gpu/check_ops.py --out "$OUT" "${DRY_FLAG[@]}"
+run_step mixer_checks 60 "$PY" benchmarks/gpu/check_mixers.py --out "$OUT" "${DRY_FLAG[@]}"
 run_step engine 60 "$PY" benchmarks/gpu/check_engine.py --out "$OUT" "${DRY_FLAG[@]}"
-run_step ops_speed 50 "$PY" benchmarks/gpu/bench_ops.py --out "$OUT" "${DRY_FLAG[@]}"
+run_step ops_speed 45 "$PY" benchmarks/gpu/bench_ops.py --out "$OUT" "${DRY_FLAG[@]}"
 run_step train_vs_hf 60 "$PY" benchmarks/bench_train.py "${TRAIN_VS_HF[@]}" --rounds 1 --out "$OUT/train_vs_hf.json"
 run_step mixers_throughput 70 "$PY" benchmarks/gpu/bench_mixers.py --out "$OUT" "${DRY_FLAG[@]}"
 # A probe: stops itself before its cap with what it measured (into suite.json).
 run_step compile_probe 45 "$PY" benchmarks/gpu/check_engine.py --compile-probe --out "$OUT" "${DRY_FLAG[@]}"
 # Last, so that it takes only what is left: into mixers_throughput.json (the device returns 8 files).
-run_step decode 20 "$PY" benchmarks/bench_decode.py "${DECODE[@]}" --into "$OUT/mixers_throughput.json"
+run_step decode 15 "$PY" benchmarks/bench_decode.py "${DECODE[@]}" --into "$OUT/mixers_throughput.json"
 
 "$PY" benchmarks/gpu/common.py finish "$OUT"
