@@ -30,6 +30,7 @@ import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 
 import bench_mixers
 import bench_ops
@@ -113,23 +114,32 @@ def compiled_kernels() -> dict[str, dict]:
     """Every compiled variant of the lmstack kernels in this process, as loaded on the device."""
     from triton.runtime.jit import JITFunction
 
+    functions = {
+        id(fn): fn
+        for module_name, module in list(sys.modules.items())
+        if module_name.startswith("lmstack_kernels")
+        for fn in vars(module).values()
+        if isinstance(fn, JITFunction)  # once each, whichever modules import it
+    }
     out = {}
-    for module_name, module in list(sys.modules.items()):
-        if not module_name.startswith("lmstack_kernels"):
-            continue
-        for fn in vars(module).values():
-            if not isinstance(fn, JITFunction):
-                continue
-            for caches in fn.device_caches.values():
-                for key, kernel in caches[0].items():  # the first entry: specialization key -> kernel
-                    meta = kernel.metadata
-                    out[f"{module_name}.{fn.__name__} {key}"] = {
-                        "kernel": f"{module_name.removeprefix('lmstack_kernels.')}.{fn.__name__}",
-                        "num_warps": meta.num_warps, "num_stages": meta.num_stages,
-                        "shared_B": meta.shared, "registers": getattr(kernel, "n_regs", None),
-                        "spills_B": getattr(kernel, "n_spills", None), "key": str(key),
-                    }  # fmt: skip
+    for fn in functions.values():
+        name = f"{fn.module.removeprefix('lmstack_kernels.')}.{fn.__name__}"
+        for caches in fn.device_caches.values():
+            for key, kernel in caches[0].items():  # the first entry: specialization key -> kernel
+                out[f"{name} {key}"] = {"kernel": name, "key": str(key), **resources(kernel)}
     return out
+
+
+def resources(kernel) -> dict:
+    """A compiled kernel's launch resources (n_regs and n_spills are set at its first launch)."""
+    try:
+        meta = kernel.metadata
+        return {
+            "num_warps": meta.num_warps, "num_stages": meta.num_stages, "shared_B": meta.shared,
+            "registers": getattr(kernel, "n_regs", None), "spills_B": getattr(kernel, "n_spills", None),
+        }  # fmt: skip
+    except AttributeError as err:  # another Triton's CompiledKernel: recorded, not fatal
+        return {"error": f"unreadable: {err}"}
 
 
 def run_job(job: tuple, dry_run: bool) -> dict:
@@ -151,6 +161,8 @@ def run_job(job: tuple, dry_run: bool) -> dict:
 
 
 def kernel_problems(kernel: dict, smem_limit: int | None) -> list[str]:
+    if "error" in kernel:
+        return [kernel["error"]]
     out = []
     if smem_limit is not None and kernel["shared_B"] > smem_limit:
         out.append(f"shared memory {kernel['shared_B']} B > the device's {smem_limit} B")
@@ -194,9 +206,12 @@ def main() -> None:
         for future in as_completed(futures):
             try:
                 done = future.result()
-            except Exception as err:  # noqa: BLE001  (a worker that died: the pool is broken)
-                report.fail(f"warm-up worker: {type(err).__name__}: {err}")
+            except BrokenProcessPool as err:  # a worker died (killed, out of memory): no job can finish
+                report.fail(f"warm-up pool: {type(err).__name__}: {err}")
                 break
+            except Exception as err:  # noqa: BLE001  (this job's record only)
+                report.fail(f"warm-up job: {type(err).__name__}: {err}")
+                continue
             row = done["row"]
             report.add(row)
             compile_s += row["compile_s"] or 0.0

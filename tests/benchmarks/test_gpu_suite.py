@@ -297,3 +297,42 @@ def test_fla_autotuning_is_bounded_to_one_config(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     ours, fla_tuners, most = map(int, proc.stdout.split()[-3:])
     assert ours == 1 and fla_tuners > 50 and most == 1
+
+
+def test_warmup_reads_compiled_kernels_resources(tmp_path: Path) -> None:
+    # A real JITFunction (no interpreter) with a compiled kernel put in its device cache as the JIT
+    # would after a launch; the resources as Triton's CompiledKernel holds them.
+    (tmp_path / "probe_kernels.py").write_text(
+        "import triton\n\n\n@triton.jit\ndef probe_kernel(x):\n    pass\n"
+    )
+    (tmp_path / "run_probe.py").write_text(
+        textwrap.dedent("""
+        import sys
+        from types import SimpleNamespace
+        import probe_kernels
+
+        sys.modules["lmstack_kernels.probe"] = probe_kernels  # found as a module of lmstack_kernels
+        meta = SimpleNamespace(num_warps=4, num_stages=2, shared=300 * 1024)
+        kernel = SimpleNamespace(metadata=meta, n_regs=128, n_spills=20000)
+        probe_kernels.probe_kernel.device_caches[0] = ({"spec-a": kernel}, None, None, None, None)
+        import warmup
+        (row,) = warmup.compiled_kernels().values()
+        print(row)
+        print(warmup.kernel_problems(row, 227 * 1024))
+    """)
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    folders = [tmp_path, REPO / "benchmarks/gpu", REPO / "benchmarks", REPO / "tests"]
+    env["PYTHONPATH"] = os.pathsep.join([*map(str, folders), os.environ.get("PYTHONPATH", "")])
+    cmd = [sys.executable, str(tmp_path / "run_probe.py")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row, problems = proc.stdout.strip().splitlines()[-2:]
+    assert eval(row) == {
+        "kernel": "probe_kernels.probe_kernel", "key": "spec-a", "num_warps": 4, "num_stages": 2,
+        "shared_B": 300 * 1024, "registers": 128, "spills_B": 20000,
+    }  # fmt: skip
+    assert eval(problems) == [
+        f"shared memory {300 * 1024} B > the device's {227 * 1024} B",
+        "spills 20000 B > budget 16384 B",
+    ]
