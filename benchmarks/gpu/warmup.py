@@ -185,7 +185,9 @@ def main() -> None:
         kinds = {job[0]: job for job in reversed(todo)}
         skipped = [job for job in todo if job not in kinds.values()]
         todo = [job for job in todo if job in kinds.values()]
-    smem_limit = torch.cuda.get_device_properties(0).shared_memory_per_block_optin if cuda else None
+    # The opt-in limit a launch is checked against (None: not reported, no check).
+    props = torch.cuda.get_device_properties(0) if cuda else None
+    smem_limit = getattr(props, "shared_memory_per_block_optin", None)
     report = Report(
         "warmup", args, workers=workers, jobs=len(todo), triton_cache=os.environ.get("TRITON_CACHE_DIR"),
         smem_limit_B=smem_limit, spill_budget_B=SPILL_BUDGET, kernels=[],
