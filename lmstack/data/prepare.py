@@ -590,7 +590,7 @@ def merge_parts(cfg: DataConfig, parts: int, *, progress: bool = True, log=None)
     out, settings, log = _start(cfg, progress, log)
     if parts < 1:
         raise LMStackError(f"--merge: expected the number of parts (a positive integer), got {parts}")
-    tok = _shared_tokenizer(out, settings, log)
+    tok = _shared_tokenizer(out, settings, lambda msg: None)
     missing = _unfinished_part(out, parts, tok)
     if missing is not None:
         raise LMStackError(
