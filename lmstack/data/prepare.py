@@ -424,58 +424,12 @@ def _diff(old: dict, new: dict) -> str:
     return "; ".join(f"{k}: {old.get(k)!r} then, {new.get(k)!r} now" for k in keys)
 
 
-def _load_or_build_tokenizer(cfg: DataConfig, out: Path, settings: dict, log) -> DataTokenizer:
-    settings_path = out / SETTINGS_FILE
-    if settings_path.is_file():
-        try:
-            old = json.loads(settings_path.read_text())
-        except (OSError, ValueError):
-            old = None
-        if old is not None and old.get("settings") != settings:
-            raise LMStackError(
-                f"{out}: already prepared with other settings ({_diff(old.get('settings') or {}, settings)}); "
-                "choose another data.path or delete the folder"
-            )
-        if old is not None and (out / "tokenizer.json").is_file():
-            from lmstack.data.tokenizer import load_data_tokenizer
-
-            try:
-                tok = load_data_tokenizer(out, old["tokenizer"])
-                log(f"reusing the tokenizer in {out} (sha256 {tok.sha256[:12]})")
-                return tok
-            except (LMStackError, KeyError) as err:
-                log(f"rebuilding the tokenizer: {err}")
-    if cfg.tokenizer == "bpe":
-        log(f"training a byte-level BPE (vocab {cfg.vocab_size}) on up to {cfg.bpe_train_mb:g} MB of text")
-    t0 = time.perf_counter()
-    tok = build_tokenizer(
-        cfg.tokenizer,
-        vocab_size=cfg.vocab_size,
-        train_docs=_train_docs(cfg) if cfg.tokenizer == "bpe" else None,
-        train_bytes=int(cfg.bpe_train_mb * 1e6),
-        add_bos=cfg.add_bos,
-        eos_token=cfg.eos_token,
-        bos_token=cfg.bos_token,
-    )
-    log(
-        f"tokenizer ready in {time.perf_counter() - t0:.1f}s: vocab {tok.vocab_size}, sha256 {tok.sha256[:12]}"
-    )
-    tok.save(out)
-    atomic_write_json(settings_path, {"settings": settings, "tokenizer": tok.record()})
-    return tok
-
-
-def _diff(old: dict, new: dict) -> str:
-    keys = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-    return "; ".join(f"{k}: {old.get(k)!r} then, {new.get(k)!r} now" for k in keys)
-
-
 def _existing_tokenizer(out: Path, settings: dict, log) -> tuple[DataTokenizer | None, str]:
     """The folder's tokenizer (None and why when there is none to reuse); LMStackError when the folder
     was prepared with other settings."""
     old = _read_json(out / SETTINGS_FILE)
     if old is None:
-        return None, f"{out / SETTINGS_FILE} does not exist"
+        return None, f"{out / SETTINGS_FILE} is missing or unreadable"
     if old.get("settings") != settings:
         raise LMStackError(
             f"{out}: already prepared with other settings ({_diff(old.get('settings') or {}, settings)}); "
