@@ -24,8 +24,14 @@ Measured:
 - parts_N_workers_1: N parts at once (N processes, as N machines would run them, here on one host),
   each with one worker, timed from the start of the first to the merge by the last; the tokenizer is
   made beforehand (`prepare_tokenizer`) and not timed;
-- pile_estimate: hours for the whole Pile (~825 GB of text) on M machines of C cores, from the
-  median text MB per CPU-second of one worker and the parallel efficiency measured with N workers;
+- read_parse_1thread: only reading, decompressing and parsing the inputs (what a worker spends on
+  the blocks of an input it skips);
+- pile_estimate: hours for the whole Pile (~825 GB of text, 30 files, ~211M documents) on M machines
+  of C cores: the work of every worker under the real dealing (lmstack.data.prepare.deal, blocks of
+  data.block_docs) priced at the median text MB per CPU-second of one worker (times the per-CPU
+  efficiency measured with N workers, CPU time being the load-robust figure on a shared host) and,
+  for skipped blocks, at read_parse_1thread's rate; the slowest worker sets the time.
+  `--estimate-only` recomputes it from the JSON at --out (measuring read_parse_1thread if missing).
 - reader: TrainReader / ValReader batches per second at a few (batch, seq_len) shapes.
 """
 
@@ -182,6 +188,54 @@ def run_parts(corpus: str, tokenizer: str, parts: int, workers: int, out: str) -
     return {**rates, "harness_seconds": time.perf_counter() - t0}
 
 
+def run_read(corpus: str) -> dict:
+    from lmstack.data.sources.jsonl import iter_jsonl
+
+    t0, c0 = time.perf_counter(), _cpu_seconds()
+    n_bytes = sum(len(doc.encode()) for doc in iter_jsonl([Path(f) for f in corpus.split(",")]))
+    return _rates(time.perf_counter() - t0, _cpu_seconds() - c0, n_bytes, 0)
+
+
+PILE_FILES, PILE_DOCS = 30, 211e6
+
+
+def pile_estimate(prep: dict, cores: int, block_docs: int = 50000) -> dict:
+    """Hours for the Pile on M machines of C cores (see the module docstring)."""
+    from lmstack.data.prepare import deal, part_tasks
+
+    def median(variant: str) -> float:
+        return statistics.median(r["text_mb_per_cpu_s"] for r in prep[variant]["runs"])
+
+    per_core = median("prepare_in_process_1thread")
+    efficiency = min(1.0, median(f"prepare_workers_{cores}") / per_core)
+    read_rate = median("read_parse_1thread")
+    blocks = int(-(-PILE_DOCS / PILE_FILES // block_docs))
+    block_mb = PILE_TEXT_MB / PILE_FILES / blocks
+
+    def hours(machines: int, c: int) -> float:
+        worst = 0.0
+        for part in range(1, machines + 1):
+            for share in deal(part_tasks(PILE_FILES, part, machines), c):
+                mine = sum(sum(t.covers(b) for b in range(blocks)) for t in share)
+                skipped = len(share) * blocks - mine
+                worst = max(worst, mine * block_mb / (per_core * efficiency) + skipped * block_mb / read_rate)
+        return round(worst / 3600, 2)
+
+    return {
+        "text_mb": PILE_TEXT_MB,
+        "files": PILE_FILES,
+        "documents": PILE_DOCS,
+        "block_docs": block_docs,
+        "text_mb_per_cpu_s_one_worker_median": round(per_core, 3),
+        f"per_cpu_efficiency_{cores}_workers": round(efficiency, 3),
+        "read_parse_mb_per_cpu_s_median": round(read_rate, 3),
+        "hours_MxC": {
+            f"{m}x{c}": hours(m, c) for m, c in ((1, 2), (1, 64), (4, 64), (16, 64), (32, 64), (64, 128))
+        },
+        "command": "sbatch --array=1-M --cpus-per-task=C launch/prepare_data.sbatch configs/data/pile.yaml",
+    }
+
+
 def run_reader(data_dir: str) -> dict:
     import torch
 
@@ -263,13 +317,18 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--vocab-size", type=int, default=8192)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "data_cpu.json"))
+    ap.add_argument("--estimate-only", action="store_true", help="recompute pile_estimate in --out")
     ap.add_argument("--_run", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._run:
         kind, *rest = args._run
-        fn = {"baseline": run_baseline, "prepare": run_prepare, "parts": run_parts, "reader": run_reader}[
-            kind
-        ]
+        fn = {
+            "baseline": run_baseline,
+            "prepare": run_prepare,
+            "parts": run_parts,
+            "read": run_read,
+            "reader": run_reader,
+        }[kind]
         if kind in ("prepare", "parts"):
             rest[2] = int(rest[2])
         if kind == "parts":
@@ -282,6 +341,9 @@ def main() -> None:
     from lmstack.data.sources.jsonl import iter_jsonl
 
     cores = os.cpu_count() or 1
+    if args.estimate_only:
+        estimate_only(args, cores)
+        return
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -321,6 +383,7 @@ def main() -> None:
             f"prepare_workers_{cores}": lambda: _sub(
                 "prepare", corpus, str(tok_file), str(cores), str(tmp / f"pn_{time.time_ns()}")
             ),
+            "read_parse_1thread": lambda: _sub("read", corpus),
             f"parts_1_workers_{cores}": lambda: _sub(
                 "parts", corpus, str(tok_file), "1", str(cores), str(tmp / f"q1_{time.time_ns()}")
             ),
@@ -359,9 +422,6 @@ def main() -> None:
         }
 
     prep = {k: summary(v) for k, v in runs.items()}
-    per_core = statistics.median(r["text_mb_per_cpu_s"] for r in runs["prepare_in_process_1thread"])
-    one = prep["prepare_in_process_1thread"]["text_mb_per_s_median"]
-    efficiency = min(1.0, prep[f"prepare_workers_{cores}"]["text_mb_per_s_median"] / (cores * one))
     base = prep["baseline_1thread"]["text_mb_per_s_median"]
     result = {
         "benchmark": "data pipeline (benchmarks/bench_data.py)",
@@ -388,22 +448,32 @@ def main() -> None:
         "best-of-N is the least disturbed run; "
         "tokens_per_cpu_s (CPU time of the process and its workers) is the load-robust efficiency figure",
         "reader": {k: {kk: round(vv, 3) for kk, vv in v.items()} for k, v in reader.items()},
-        "pile_estimate": {
-            "text_mb": PILE_TEXT_MB,
-            "text_mb_per_cpu_s_one_worker_median": round(per_core, 3),
-            f"parallel_efficiency_{cores}_workers": round(efficiency, 3),
-            "formula": "hours = text_mb / (machines * cores * text_mb_per_cpu_s * efficiency) / 3600",
-            "hours": {
-                f"{m}x{c}": round(PILE_TEXT_MB / (m * c * per_core * efficiency) / 3600, 2)
-                for m, c in ((1, 2), (1, 64), (4, 64), (16, 64), (32, 64), (64, 128))
-            },
-            "command": "sbatch --array=1-M --cpus-per-task=C launch/prepare_data.sbatch configs/data/pile.yaml",
-        },
+        "pile_estimate": pile_estimate(prep, cores),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result["speedup_vs_baseline_1thread_median"]), file=sys.stderr)
     print(f"wrote {args.out}", file=sys.stderr)
+
+
+def estimate_only(args, cores: int) -> None:
+    """pile_estimate of the JSON at --out again; read_parse_1thread measured now if it lacks it."""
+    result = json.loads(Path(args.out).read_text())
+    prep = result["prepare"]
+    if "read_parse_1thread" not in prep:
+        with tempfile.TemporaryDirectory() as tmp:
+            corpus = ",".join(str(f) for f in _corpus(args.copies, args.files, Path(tmp)))
+            runs = [_sub("read", corpus) for _ in range(args.repeats)]
+        prep["read_parse_1thread"] = {
+            "text_mb_per_s_median": round(statistics.median(r["text_mb_per_s"] for r in runs), 3),
+            "runs": [{k: round(v, 3) for k, v in r.items()} for r in runs],
+            "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            + " (--estimate-only, after the rest)",
+            "load_average": [round(x, 2) for x in os.getloadavg()],
+        }
+    result["pile_estimate"] = pile_estimate(prep, cores)
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result["pile_estimate"], indent=1))
 
 
 if __name__ == "__main__":
