@@ -104,6 +104,10 @@ class DataConfig:
     val_path: dict[str, str] = field(default_factory=dict)
     # A shard closes once it holds this many megabytes of text.
     shard_mb: float = 64.0
+    # Each input file is prepared in blocks of this many documents, each with its own shards: the
+    # unit that worker processes and `prepare-data --part I/N` share out (the layout does not
+    # depend on how many of them there are).
+    block_docs: int = 50000
     # Tokenizer worker processes (0: one per CPU core; 1: tokenize in this process).
     num_workers: int = 0
     # Documents per tokenization task sent to a worker.
@@ -142,6 +146,8 @@ class DataConfig:
                 )
         if self.shard_mb <= 0:
             fail("shard_mb", f"expected a positive number, got {self.shard_mb}")
+        if self.block_docs < 1:
+            fail("block_docs", f"expected a positive integer, got {self.block_docs}")
         if self.num_workers < 0:
             fail("num_workers", f"expected 0 (one per core) or a positive integer, got {self.num_workers}")
         if self.batch_docs < 1:
