@@ -8,7 +8,7 @@ from conftest import base_overrides, losses, records, run_trainings
 
 def test_compiled_run_gives_the_eager_losses(tiny_data, tmp_path):
     """Three optimizer steps and the final validation: the losses agree to 1e-5 relative (seen:
-    below 1e-6; both runs do the same fp32 arithmetic, fused differently). Adam's normalised first
+    4e-8 for the validation loss; both runs do the same fp32 arithmetic, fused differently). Adam's normalised first
     steps let rounding grow in near-zero gradient entries, which the loss barely sees; the
     gradients themselves are compared under SGD in tests/model/test_compile_training.py."""
     runs = [
@@ -25,5 +25,5 @@ def test_compiled_run_gives_the_eager_losses(tiny_data, tmp_path):
     for step, loss in eager.items():
         assert abs(compiled[step] - loss) <= 1e-5 * abs(loss), f"step {step}: {compiled[step]} vs {loss}"
     (val_e,), (val_c,) = records(tmp_path / "eager", "val"), records(tmp_path / "compiled", "val")
-    names = [k for k in val_e if k.endswith("/loss")]
+    names = [k for k in val_e if k.endswith("loss")]
     assert names and all(abs(val_c[k] - val_e[k]) <= 1e-5 * abs(val_e[k]) for k in names), (val_c, val_e)
