@@ -34,12 +34,13 @@ def eager_with_documents(fn):
     """`fn` (a chunked PyTorch path taking a keyword-only `cu_seqlens`), run outside torch.compile's
     tracing when `cu_seqlens` is given. Its per-document layout is built from the document lengths
     read on the host: traced, it would graph-break there and specialise on the lengths, recompiling at
-    every new packing of a training batch (minutes per batch on a CPU). Rows without documents trace."""
+    every new packing of a training batch (minutes per batch on a CPU). Rows without documents trace;
+    eager calls go straight to `fn` (torch._dynamo stays unloaded)."""
 
     @functools.wraps(fn)
     def wrapper(*args, cu_seqlens=None, **kwargs):
-        if cu_seqlens is None:
-            return fn(*args, **kwargs)
+        if cu_seqlens is None or not torch.compiler.is_compiling():
+            return fn(*args, cu_seqlens=cu_seqlens, **kwargs)
         return _disabled(fn)(*args, cu_seqlens=cu_seqlens, **kwargs)
 
     return wrapper
