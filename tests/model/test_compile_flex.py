@@ -18,7 +18,13 @@ from lmstack.model.mixers import BatchContext
 from lmstack.model.mixers.attention import document_block_mask
 
 B, H, T, DH = 2, 2, 256, 16
-CASES = [(None, 0), (40, 0), (None, 128), (40, 128)]  # (window, keys before the slice)
+# (window, keys before the slice); 11-14 s of compile each (2 shared cores): two in CI.
+CASES = [
+    (None, 0),
+    (40, 128),
+    pytest.param(40, 0, marks=pytest.mark.slow),
+    pytest.param(None, 128, marks=pytest.mark.slow),
+]
 
 
 def doc_ids() -> torch.Tensor:
@@ -71,7 +77,7 @@ def test_compiled_flex_forward_equals_the_explicit_mask(window, past):
     assert rel_rmse(got, causal) > 0.1
 
 
-@pytest.mark.parametrize("window, past", [CASES[1], CASES[3]])
+@pytest.mark.parametrize("window, past", [(40, 0), (40, 128)])
 def test_compiled_flex_backward_equals_the_explicit_mask(window, past):
     q, k, v = inputs(past, requires_grad=True)
     want = F.scaled_dot_product_attention(q, k, v, attn_mask=reference_mask(doc_ids(), window, past))
