@@ -120,7 +120,15 @@ def gated_delta_rule_attn(
         )
     else:
         o, ht = chunk_gated_delta_rule(
-            q, k, v, beta, g, scale, initial_state, cu_seqlens, chunk_size or TORCH_CHUNK
+            q,
+            k,
+            v,
+            beta,
+            g,
+            scale,
+            initial_state,
+            cu_seqlens=cu_seqlens,
+            chunk_size=chunk_size or TORCH_CHUNK,
         )
     return o, (ht if output_final_state else None)
 

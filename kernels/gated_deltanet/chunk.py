@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from lmstack_kernels.common.chunked import from_chunks, pow2, to_chunks
+from lmstack_kernels.common.compiler import eager_with_documents
 from lmstack_kernels.deltanet.chunk import _documents, _grid, _unit_lower_inverse
 
 
@@ -91,6 +92,7 @@ def _chunk_documents(
     return unpad(from_chunks(o, n * C)).to(q.dtype), S
 
 
+@eager_with_documents
 def chunk_gated_delta_rule(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -99,6 +101,7 @@ def chunk_gated_delta_rule(
     g: torch.Tensor,
     scale: float,
     initial_state: torch.Tensor | None = None,
+    *,
     cu_seqlens: torch.Tensor | None = None,
     chunk_size: int = 64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
