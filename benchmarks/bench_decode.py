@@ -22,11 +22,17 @@ decoded tokens); with `--threads 1` (the default on CPU) they are per core. The 
 before and after is recorded (`host`): on a shared host, read `*_cpu_ms_*`.
 
 Writes `benchmarks/results/decode_<device>.json` (device, versions, shape, one row per mixer and L;
-`decode_ms_per_token` also as `{mixer: {L: ms}}` for `lmstack compare`) and a PNG of prefill time,
-per-token decode time and cache size against L.
+`decode_ms_per_token` also as `{mixer: {L: ms}}`) and a PNG of prefill time, per-token decode time
+and cache size against L.
+
+`--run-dir RUN` measures a trained run instead: its export `RUN/hf` (`lmstack export RUN RUN/hf`,
+which `lmstack compare` writes for each of its runs) with its own weights and shape, and writes
+`RUN/decode.json` with `decode_ms_per_token` as `{L: ms}`: the file `lmstack compare` reads for its
+"decode ms/token @8K" column.
 
     python benchmarks/bench_decode.py                       # CPU: L = 512 ... 16384, every mixer
     python benchmarks/bench_decode.py --quick --out /tmp/decode.json   # tiny shapes (a test)
+    python benchmarks/bench_decode.py --run-dir runs/compare/runs/lightning --lengths 512,2048,8192
 """
 
 from __future__ import annotations
@@ -71,10 +77,16 @@ def cache_bytes(cache) -> int:
     return sum(sizes)
 
 
-def build_export(mixer: str, args: argparse.Namespace, max_len: int, folder: Path):
-    """(the exported model reloaded through transformers, number of parameters)."""
+def load_export(folder: Path):
+    """The export in `folder` through transformers (its own model code) and its number of parameters."""
     from transformers import AutoModelForCausalLM
 
+    hf = AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=True).eval()
+    return hf, hf.model.num_params()
+
+
+def build_export(mixer: str, args: argparse.Namespace, max_len: int, folder: Path):
+    """(the exported model reloaded through transformers, number of parameters)."""
     from lmstack.export.exporter import export_model
     from lmstack.model import LM, ModelConfig
 
@@ -90,8 +102,7 @@ def build_export(mixer: str, args: argparse.Namespace, max_len: int, folder: Pat
     config.validate()
     model = LM(config)
     export_model(model, folder, overwrite=True)
-    hf = AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=True).eval()
-    return hf, model.num_params()
+    return load_export(folder)
 
 
 @torch.inference_mode()
@@ -180,6 +191,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: 1 on CPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help=f"tiny shapes for a test: {QUICK}")
+    p.add_argument(
+        "--run-dir",
+        type=Path,
+        default=None,
+        help="measure this run's export RUN/hf (its weights and shape; --mixers and the shape flags do not "
+        "apply) and write RUN/decode.json, which `lmstack compare` reads",
+    )
     p.add_argument("--out", type=Path, default=None, help="JSON path (default results/decode_<device>.json)")
     p.add_argument(
         "--into",
@@ -207,6 +225,19 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device)
     torch.set_num_threads(args.threads or (1 if device.type == "cpu" else torch.get_num_threads()))
     mixers = args.mixers.split(",") if args.mixers else [m for m in MIXERS if m != "shortconv"]
+    run_export = None
+    if args.run_dir is not None:
+        folder = args.run_dir / "hf"
+        if not (folder / "config.json").is_file():
+            sys.exit(
+                f"--run-dir {args.run_dir}: no export in {folder} (lmstack export {args.run_dir} {folder})"
+            )
+        run_export = load_export(folder)
+        config = run_export[0].model.config
+        mixers = ["+".join(dict.fromkeys(config.mixer_for_layer(i) for i in range(config.n_layers)))]
+        args.d_model, args.n_layers, args.n_heads, args.vocab = (
+            config.d_model, config.n_layers, config.n_heads, config.vocab_size
+        )  # fmt: skip
     import transformers
 
     result = {
@@ -219,6 +250,7 @@ def main(argv: list[str] | None = None) -> dict:
         "python": platform.python_version(),
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "quick": args.quick,
+        "run_dir": None if args.run_dir is None else str(args.run_dir),
         "shape": {
             "d_model": args.d_model,
             "n_layers": args.n_layers,
@@ -238,7 +270,9 @@ def main(argv: list[str] | None = None) -> dict:
         result["load_avg_1min_before"] = round(os.getloadavg()[0], 2)
     with tempfile.TemporaryDirectory(prefix="bench-decode-") as tmp:
         for mixer in mixers:
-            hf, params = build_export(mixer, args, max(args.lengths) + args.new_tokens, Path(tmp) / mixer)
+            hf, params = run_export or build_export(
+                mixer, args, max(args.lengths) + args.new_tokens, Path(tmp) / mixer
+            )
             hf.to(device)
             for L in args.lengths:
                 row = {"mixer": mixer, "params": params, **measure(hf, L, args.new_tokens, args.tolerance)}
@@ -252,6 +286,8 @@ def main(argv: list[str] | None = None) -> dict:
         m: {str(r["L"]): round(r["decode_ms_per_token"], 3) for r in result["results"] if r["mixer"] == m}
         for m in mixers
     }
+    if args.run_dir is not None:  # one model: {L: ms}, as `lmstack compare` reads it
+        result["decode_ms_per_token"] = result["decode_ms_per_token"][mixers[0]]
     result["failures"] = [
         f"{r['mixer']} L={r['L']}: cached decoding differs from the full forward "
         f"(max |logit diff| {r['max_abs_logit_diff']:.2e}, greedy tokens equal: {r['greedy_tokens_equal']})"
@@ -268,7 +304,8 @@ def main(argv: list[str] | None = None) -> dict:
         args.into.write_text(json.dumps(record, indent=2) + "\n")
         print(f"wrote the key 'decode' of {args.into}")
         return result
-    out = args.out or op_bench.RESULTS / f"decode_{op_bench.device_tag(device)}.json"
+    default = op_bench.RESULTS / f"decode_{op_bench.device_tag(device)}.json"
+    out = args.out or (default if args.run_dir is None else args.run_dir / "decode.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     plot(result, out.with_suffix(".png"))

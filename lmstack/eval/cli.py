@@ -295,7 +295,7 @@ def cmd_length(args: argparse.Namespace) -> None:
         device=args.device,
         dtype=args.dtype,
         out=args.out,
-        command=" ".join(shlex.quote(a) for a in ["lmstack", "eval", "length", *sys.argv[3:]]),
+        command=" ".join(shlex.quote(a) for a in ["lmstack", "eval", *args.argv]),
         log=lambda m: print(m, file=sys.stderr),
     )
     for entry in report["models"]:
@@ -316,6 +316,9 @@ def _add_niah(sub) -> None:
     p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="comma-separated needle depths in [0, 1]")
     p.add_argument("--forms", default="passkey,number,uuid", help="comma-separated: passkey, number, uuid")
     p.add_argument("--samples", type=int, default=4, help="prompts per (form, length, depth)")
+    p.add_argument(
+        "--digits", type=int, default=7, help="digits of the passkey and number forms' value (RULER: 7)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split", default="val", help="split the natural-text haystack is drawn from")
     p.add_argument("--device", default=None)
@@ -339,6 +342,8 @@ def cmd_niah(args: argparse.Namespace) -> None:
         split=args.split,
         device=args.device,
         output=args.out,
+        digits=args.digits,
+        command=" ".join(shlex.quote(a) for a in ["lmstack", "eval", *args.argv]),
         log=lambda m: print(m, file=sys.stderr),
     )
     print(json.dumps(report, indent=2))

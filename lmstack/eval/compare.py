@@ -13,7 +13,8 @@ killed compare is resumed by running it again.
 
 Decoding cost comes from `benchmarks/bench_decode.py`, not from a stage here: when a run directory
 holds `decode.json` with `decode_ms_per_token` (an object from context length, as a string, to
-milliseconds per decoded token), the report shows its value at 8192 tokens.
+milliseconds per decoded token; `python benchmarks/bench_decode.py --run-dir OUT/runs/<name>` writes
+it from the run's export), the report shows its value at 8192 tokens.
 """
 
 from __future__ import annotations

@@ -191,7 +191,9 @@ def plot_length(report: dict[str, Any], path: Path) -> Path:
             centers = [(b["start"] + b["end"]) / 2 for b in r["buckets"]]
             ax.plot(centers, [b["loss"] for b in r["buckets"]], "-", lw=1.2, label=f"L = {r['length']}")
         ax.axvline(entry["train_seq_len"], color="grey", ls=":", lw=1, label="training length")
-        ax.set_title(f"{Path(entry['model']).name} ({', '.join(dict.fromkeys(entry['mixers']))})")
+        folder = Path(entry["model"])  # a run's export is RUN/hf: the run names it
+        name = folder.parent.name if folder.name == "hf" else folder.name
+        ax.set_title(f"{name} ({', '.join(dict.fromkeys(entry['mixers']))})")
         ax.set_xscale("log", base=2)
         ax.set_xlabel(f"context position ({report['documents']} documents)")
         ax.grid(alpha=0.3)

@@ -8,6 +8,7 @@ with `AutoTokenizer.from_pretrained(<hub name>)`. This module keeps RULER's prom
 
 - `passkey` (niah_single_1): a 7-digit number in RULER's repeated filler sentences;
 - `number` (niah_single_2): a 7-digit number in natural text, the held-out split of the prepared data;
+  (`digits` sets the numbers' length: RULER's is 7, fewer make a task small models can learn);
 - `uuid` (niah_single_3): a UUID in that natural text.
 
 Prompts are built in token ids of the model's own tokenizer, deterministically from (seed, form,
@@ -63,10 +64,10 @@ class NeedleSample:
     needle_ids: list[int]
 
 
-def needle_value(form: str, rng: random.Random) -> str:
+def needle_value(form: str, rng: random.Random, digits: int = 7) -> str:
     if form == "uuid":
         return str(uuid.UUID(int=rng.getrandbits(128), version=4))
-    return str(rng.randint(1_000_000, 9_999_999))
+    return str(rng.randint(10 ** (digits - 1), 10**digits - 1))
 
 
 class HaystackSource:
@@ -99,14 +100,19 @@ class HaystackSource:
         return self.text[start : start + n]
 
 
-def make_sample(source: HaystackSource, form: str, length: int, depth: float, seed: int) -> NeedleSample:
-    """The prompt of `length` tokens with the needle at `depth` (0: first haystack token, 1: last)."""
+def make_sample(
+    source: HaystackSource, form: str, length: int, depth: float, seed: int, digits: int = 7
+) -> NeedleSample:
+    """The prompt of `length` tokens with the needle at `depth` (0: first haystack token, 1: last);
+    `digits`: the length of the passkey and number forms' value."""
     if form not in FORMS:
         raise LMStackError(f"--forms: unknown form '{form}', expected one of {', '.join(FORMS)}")
     if not 0.0 <= depth <= 1.0:
         raise LMStackError(f"--depths: expected fractions in [0, 1], got {depth}")
+    if digits < 1:
+        raise LMStackError(f"--digits: expected a positive integer, got {digits}")
     rng = random.Random(f"{seed}/{form}/{length}/{depth}")
-    key, value = rng.choice(KEYS), needle_value(form, rng)
+    key, value = rng.choice(KEYS), needle_value(form, rng, digits)
     kind = "uuids" if form == "uuid" else "numbers"
     enc = source.tokenizer.encode
     head = enc(TEMPLATE_HEAD.format(kind=kind))
@@ -159,21 +165,23 @@ def evaluate(
     samples: int = 1,
     seed: int = 0,
     device="cpu",
+    digits: int = 7,
 ) -> dict[str, Any]:
     """Accuracy per form, length and depth over `samples` prompts each."""
     model = model.to(device).eval()
     cells = []
     for form in forms:
-        new_tokens = 24 if form == "uuid" else 8
         for length in lengths:
             for depth in depths:
                 hits = 0
                 for s in range(samples):
-                    sample = make_sample(source, form, length, depth, seed + s)
+                    sample = make_sample(source, form, length, depth, seed + s, digits)
+                    # room for the value as the needle tokenizes it, with the ": " before it
+                    new_tokens = len(tokenizer.encode(f": {sample.value}.")) + 1
                     text = tokenizer.decode(greedy_generate(model, sample.input_ids, new_tokens, device))
                     hits += is_correct(text, sample.value)
                 cells.append({"form": form, "length": length, "depth": depth, "accuracy": hits / samples})
-    return {"samples": samples, "seed": seed, "cells": cells}
+    return {"samples": samples, "seed": seed, "digits": digits, "cells": cells}
 
 
 def run_niah(
@@ -187,6 +195,8 @@ def run_niah(
     split: str = "val",
     device: str | None = None,
     output: str | None = None,
+    digits: int = 7,
+    command: str | None = None,
     log=print,
 ) -> dict[str, Any]:
     """The work behind `lmstack eval niah`: OUT.json and OUT.png (a heatmap per model and form)."""
@@ -205,7 +215,9 @@ def run_niah(
             raise LMStackError("--data: give the prepared data folder (its tokenizer and haystack text)")
         tokenizer = load_data_tokenizer(data)
         source = HaystackSource(tokenizer, data if set(forms) - {"passkey"} else None, split)
-        result = evaluate(loaded.model, tokenizer, source, forms, lengths, depths, samples, seed, device)
+        result = evaluate(
+            loaded.model, tokenizer, source, forms, lengths, depths, samples, seed, device, digits
+        )
         result.update(
             model=str(path), mixer=loaded.model.config.mixer, seconds=round(time.perf_counter() - start, 1)
         )
@@ -215,7 +227,15 @@ def run_niah(
             ]
             log(f"{path} {form}: accuracy at {max(lengths)} tokens {sum(longest) / len(longest):.3f}")
         models.append(result)
-    report = {"data": str(data_dir), "lengths": lengths, "depths": depths, "forms": forms, "models": models}
+    report = {
+        "command": command,
+        "data": str(data_dir),
+        "lengths": lengths,
+        "depths": depths,
+        "forms": forms,
+        "digits": digits,
+        "models": models,
+    }
     if output:
         write_report(report, output, plot_heatmaps, log)
     return report

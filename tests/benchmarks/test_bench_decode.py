@@ -71,3 +71,28 @@ def test_into_puts_the_result_under_decode_of_an_existing_file(tmp_path) -> None
     data = json.loads(target.read_text())
     assert data["step"] == "x" and data["failures"] == ["earlier"]
     assert [r["L"] for r in data["decode"]["results"]] == [16] and not list(tmp_path.glob("*.png"))
+
+
+def test_run_dir_writes_the_decode_json_that_compare_reads(tmp_path) -> None:
+    from types import SimpleNamespace
+
+    import torch
+
+    from lmstack.eval.compare import decode_ms_per_token, long_context_columns
+    from lmstack.export.exporter import export_model
+    from lmstack.model import LM, ModelConfig
+
+    torch.manual_seed(0)
+    model = LM(ModelConfig(vocab_size=256, d_model=32, n_layers=2, n_heads=2, max_seq_len=64, mixer="gla"))
+    export_model(model, tmp_path / "run" / "hf")  # as `lmstack export RUN RUN/hf` leaves it
+    result = bench_decode.main(
+        ["--run-dir", str(tmp_path / "run"), "--lengths", "16,48", "--new-tokens", "3"]
+    )
+    assert result["failures"] == [] and result["mixers"] == ["gla"]
+    assert result["shape"]["d_model"] == 32 and result["results"][0]["params"] == model.num_params()
+    written = json.loads((tmp_path / "run" / "decode.json").read_text())
+    assert list(written["decode_ms_per_token"]) == ["16", "48"]
+    run = SimpleNamespace(run_dir=tmp_path / "run")
+    assert decode_ms_per_token(run, 48) == written["decode_ms_per_token"]["48"] > 0
+    measured = {"decode_ms_per_token_8k": decode_ms_per_token(run, 48)}
+    assert [title for title, _ in long_context_columns([measured])] == ["decode ms/token @8K"]
