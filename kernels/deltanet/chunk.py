@@ -154,16 +154,18 @@ def chunk_delta_rule(
     initial_state: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
     chunk_size: int = 64,
+    g: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """q, k: [B, T, H, K]; v: [B, T, H, V]; beta: [B, T, H]; initial_state: [B, H, K, V] or None.
-    With `cu_seqlens` ([N+1], B = 1) each document runs on its own (the state restarts from
-    `initial_state[n]` or 0) and the final state is [N, H, K, V]. Returns (o like v in q's dtype,
-    final state fp32)."""
+    """q, k: [B, T, H, K]; v: [B, T, H, V]; beta: [B, T, H]; initial_state: [B, H, K, V] or None;
+    g: [B, T, H] log decays (the gated delta rule) or None. With `cu_seqlens` ([N+1], B = 1) each
+    document runs on its own (the state restarts from `initial_state[n]` or 0) and the final state is
+    [N, H, K, V]. Returns (o like v in q's dtype, final state fp32)."""
     B, T = k.shape[:2]
     flat = lambda x: x.reshape(1, B * T, *x.shape[2:])
     o, final = _chunk_documents(
-        flat(q), flat(k), flat(v), flat(beta), scale, initial_state, _documents(B, T, cu_seqlens), chunk_size
-    )
+        flat(q), flat(k), flat(v), flat(beta), scale, initial_state, _documents(B, T, cu_seqlens),
+        chunk_size, None if g is None else flat(g),
+    )  # fmt: skip
     return o.view(v.shape), final
 
 
