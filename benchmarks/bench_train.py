@@ -18,6 +18,11 @@ measured after imports (both processes import torch and transformers).
 On a shared CPU machine wall-clock times swing with the load of other processes: the JSON also has
 each variant's CPU time per step (this process, all threads) and the load average, and `--rounds`
 interleaves the variants, keeping each one's fastest round.
+Compilation: `compile_s` per variant is what its warm-up steps took beyond as many median steps
+(first-launch Triton compiles, autotuning, allocator warm-up); the trainer variant runs with
+`train.compile=false` (the GPU suite's compile probe measures torch.compile on its own).
+The JSON is rewritten (atomically) after every variant, so a run stopped midway keeps the variants
+it finished; a variant that fails is recorded in `failures` and the others still run (exit status 1).
 """
 
 from __future__ import annotations
@@ -122,7 +127,7 @@ def run_variant(a) -> dict:
         opt.zero_grad(set_to_none=True)
         return loss
 
-    times, cpu_times = [], []
+    times, cpu_times, warmup_times = [], [], []
     for i in range(a.warmup + a.steps):
         if cuda:
             torch.cuda.synchronize()
@@ -134,9 +139,12 @@ def run_variant(a) -> dict:
         if i >= a.warmup:
             times.append(time.perf_counter() - t0)
             cpu_times.append(time.process_time() - c0)
+        else:
+            warmup_times.append(time.perf_counter() - t0)
     med = statistics.median(times)
     out = {
         "variant": a.variant,
+        **_compile_estimate(warmup_times, med),
         "params": n_params,
         "tokens_per_s": tokens_per_step / med,
         "tokens_per_s_mean": tokens_per_step * len(times) / sum(times),
@@ -147,6 +155,13 @@ def run_variant(a) -> dict:
     out.update(_memory(device, base_rss))
     out["flops_per_token"] = LM(cfg).flops_per_token(a.seq) if a.variant != "hf_llama" else None
     return out
+
+
+def _compile_estimate(warmup_times: list[float], median: float) -> dict:
+    return {
+        "warmup_step_times_s": warmup_times,
+        "compile_s": round(sum(warmup_times) - len(warmup_times) * median, 2),
+    }
 
 
 def _memory(device, base_rss: float) -> dict:
@@ -172,18 +187,21 @@ def run_trainer(a, cfg, base_rss: float) -> dict:
         f"data.seq_len={a.seq}", f"train.run_dir={run_dir}", f"train.max_steps={a.warmup + a.steps}",
         f"train.global_batch_size={a.batch}", f"train.micro_batch_size={a.batch}", "train.log_every=1",
         "train.eval_batches=0", f"train.save_every={10**9}", "train.progress_bar=false", "train.tensorboard=false",
-        "train.warmup_steps=1", "train.zero_stage=0",
+        "train.warmup_steps=1", "train.zero_stage=0", "train.compile=false",
     ]  # fmt: skip
     config = load_config(None, overrides)
     config.model = cfg
     summary = train(config, resume=None, source_factory=synthetic_source)
-    records = read_metrics(run_dir)["train"][a.warmup :]
+    all_records = read_metrics(run_dir)["train"]
+    records = all_records[a.warmup :]
     times = [r["step_time_s"] for r in records]
     med = statistics.median(times)
+    warmup_times = [r["step_time_s"] for r in all_records[: a.warmup]]
     cpu_med = statistics.median(r["step_cpu_s"] for r in records)
     tokens_per_step = a.batch * a.seq
     out = {
         "variant": a.variant,
+        **_compile_estimate(warmup_times, med),
         "params": read_metrics(run_dir)["run"][0]["params"],
         "tokens_per_s": tokens_per_step / med,
         "tokens_per_s_mean": tokens_per_step * len(times) / sum(times),
@@ -258,11 +276,31 @@ def main() -> None:
         Path(a.result).write_text(json.dumps(run_variant(a)))
         return
 
+    out = Path(a.out or REPO / "benchmarks" / "results" / f"train_{'gpu' if cuda else 'cpu'}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report = {
+        "benchmark": "training tokens/s and peak memory, lmstack vs transformers LlamaForCausalLM",
+        "device": torch.cuda.get_device_name() if cuda else _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
+        "precision": "bf16 autocast" if cuda else "fp32",
+        "shape": {k: getattr(a, k) for k in PRESETS["cpu"]},
+        "mixer": a.mixer,
+        "rounds": a.rounds,
+        "results": [],
+        "failures": [],
+    }
     # Rounds interleave the variants so that a busy machine slows them alike; each keeps its best round.
     best: dict[str, dict] = {}
     for round_ in range(a.rounds):
         for variant in a.variants.split(","):
-            r = _spawn(a, variant)
+            try:
+                r = _spawn(a, variant)
+            except SystemExit as err:  # the child's stderr is already printed
+                report["failures"].append(f"round {round_} {variant}: {err}")
+                _save(out, report, best, a)
+                continue
             r["round"] = round_
             if variant not in best or r["tokens_per_s"] > best[variant]["tokens_per_s"]:
                 best[variant] = r
@@ -273,28 +311,25 @@ def main() -> None:
                 + (f"  CUDA peak {r['peak_cuda_alloc_gib']:.2f} GiB" if "peak_cuda_alloc_gib" in r else ""),
                 flush=True,
             )
+            _save(out, report, best, a)
+    print(f"wrote {out}")
+    if report["failures"]:
+        raise SystemExit(f"{len(report['failures'])} variant runs failed: {report['failures']}")
+
+
+def _save(out: Path, report: dict, best: dict[str, dict], a) -> None:
+    """Write what is finished: the best round of each variant so far, and the ratios to hf_llama."""
     results = list(best.values())
     params = {r["params"] for r in results}
-    assert len(params) == 1, f"models differ in size: {[(r['variant'], r['params']) for r in results]}"
-    by = {r["variant"]: r for r in results}
-    device = torch.cuda.get_device_name() if cuda else _cpu_name()
-    report = {
-        "benchmark": "training tokens/s and peak memory, lmstack vs transformers LlamaForCausalLM",
-        "device": device,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "load_average_at_end": os.getloadavg(),
-        "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
-        "precision": "bf16 autocast" if cuda else "fp32",
-        "shape": {k: getattr(a, k) for k in PRESETS["cpu"]},
-        "mixer": a.mixer,
-        "rounds": a.rounds,
-        "results": results,
-    }
+    differ = f"models differ in size: {[(r['variant'], r['params']) for r in results]}"
+    if len(params) > 1 and differ not in report["failures"]:
+        report["failures"].append(differ)
     for r in results:
         r["tokens_per_cpu_s"] = a.batch * a.seq / r["step_cpu_s_median"]
-    if "hf_llama" in by:
-        ref = by["hf_llama"]
+    report.update(results=results, load_average_at_end=os.getloadavg())
+    report["compile_s"] = round(sum(max(r["compile_s"], 0.0) for r in results), 1)
+    if "hf_llama" in best:
+        ref = best["hf_llama"]
         report["vs_hf_llama"] = {
             v: {
                 "tokens_per_s_ratio": r["tokens_per_s"] / ref["tokens_per_s"],
@@ -305,13 +340,12 @@ def main() -> None:
                     else r["peak_rss_over_baseline_gib"] / ref["peak_rss_over_baseline_gib"]
                 ),
             }
-            for v, r in by.items()
+            for v, r in best.items()
             if v != "hf_llama"
         }
-    out = Path(a.out or REPO / "benchmarks" / "results" / f"train_{'gpu' if cuda else 'cpu'}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(out)
 
 
 if __name__ == "__main__":

@@ -30,10 +30,26 @@ def cmd_show_config(args: argparse.Namespace) -> None:
 
 
 def cmd_prepare_data(args: argparse.Namespace) -> None:
-    from lmstack.data import prepare_data
+    from lmstack.data.prepare import merge_parts, parse_part, prepare_data, prepare_tokenizer
 
+    part = parse_part(args.part) if args.part is not None else None  # a bad value fails before the config
     config = load_run_config(args)
-    index = prepare_data(config.data, progress=not args.quiet)
+    if config.data.mixture:
+        raise LMStackError(
+            "data.mixture: prepare-data writes one folder (data.path); prepare each source with its own "
+            "data.path (and the same data.tokenizer), then train on the mixture"
+        )
+    if args.tokenizer_only:
+        tok = prepare_tokenizer(config.data, progress=not args.quiet)
+        print(f"tokenizer ready in {config.data.path}: vocab {tok.vocab_size}, sha256 {tok.sha256[:12]}")
+        return
+    if args.merge is not None:
+        index = merge_parts(config.data, args.merge, progress=not args.quiet)
+    else:
+        index = prepare_data(config.data, part=part, progress=not args.quiet)
+    if index is None:
+        print(f"prepared part {part[0]}/{part[1]} of {config.data.path}; the last part to finish merges")
+        return
     st = index.stats
     print(
         f"prepared {index.path}: train {index.num_tokens('train'):,} tokens / {index.num_documents('train'):,} docs, "
@@ -178,6 +194,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_config_args(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or log lines")
+    step = p.add_mutually_exclusive_group()
+    step.add_argument(
+        "--part",
+        metavar="I/N",
+        help="prepare only part I of N (e.g. on machine I of N, into the same shared data.path); the part that "
+        "finishes last writes the index. Needs the tokenizer there first (--tokenizer-only)",
+    )
+    step.add_argument(
+        "--tokenizer-only",
+        action="store_true",
+        help="only train or load the tokenizer into data.path: the first step before the --part runs",
+    )
+    step.add_argument(
+        "--merge",
+        type=int,
+        metavar="N",
+        help="write the index of a folder prepared as N parts (the last part does this itself)",
+    )
     p.set_defaults(func=cmd_prepare_data)
 
     p = sub.add_parser(

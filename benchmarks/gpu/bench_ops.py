@@ -6,7 +6,10 @@ benchmarks/op_bench.py measures them) and peak memory above the inputs. SDPA (ca
 attention, flash on the GPU) is the same for every op and timed once per T. Before timing, each fla
 counterpart's output is compared with the op's (relative RMSE, both bf16): a speed comparison is only
 meaningful between paths that compute the same function. A shape that runs out of memory is recorded
-as such. Dry run: the interpreter on CPU, tiny shapes, one run each; its times are not measurements.
+as such; any other error is recorded as a failure and the step goes on. fla's autotuning is bounded
+to the first config each kernel lists (`ops.import_fla`): its times are fla untuned, an upper bound
+on what tuned fla takes. Dry run: the interpreter on CPU, tiny shapes, one run each; its times are
+not measurements.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import torch
 from common import Report, step_args
 from helpers import rel_rmse
 from op_bench import measure, sdpa
-from ops import OPS
+from ops import FLA_AUTOTUNE, OPS, import_fla
 
 SHAPES = {
     "gpu": dict(tokens=32768, H=16, D=128, Ts=[2048, 8192, 32768], warmup=3, reps=10),
@@ -27,7 +30,7 @@ def fla_unavailable(device: torch.device) -> str | None:
     if device.type != "cuda":
         return "fla's Triton kernels need a CUDA device"
     try:
-        import fla.ops  # noqa: F401
+        import_fla()
     except Exception as err:  # noqa: BLE001
         return f"fla not importable ({type(err).__name__}: {err})"
     return None
@@ -46,12 +49,19 @@ def time_method(report: Report, row: dict, fn, params, do, tokens, device, shape
     print({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
 
 
-def bench_op(report: Report, name: str, op, B: int, T: int, do, device, shape, fla: bool) -> None:
-    """The op's Triton path and (when `fla`) its fla counterpart at one shape."""
-    H, D, dtype = shape["H"], shape["D"], torch.bfloat16
+def op_inputs(op, B: int, T: int, shape: dict, device: torch.device) -> dict:
+    """The op's bf16 inputs at one shape, those that take gradients requiring them."""
+    H, D = shape["H"], shape["D"]
     x = op.make_inputs(B, T, H, D, D, False, torch.Generator().manual_seed(T))
     grad = lambda k: k in op.grad_inputs
-    x = {k: v.to(device, dtype if grad(k) else v.dtype).requires_grad_(grad(k)) for k, v in x.items()}
+    return {
+        k: v.to(device, torch.bfloat16 if grad(k) else v.dtype).requires_grad_(grad(k)) for k, v in x.items()
+    }
+
+
+def bench_op(report: Report, name: str, op, B: int, T: int, do, device, shape, fla: bool) -> None:
+    """The op's Triton path and (when `fla`) its fla counterpart at one shape."""
+    x = op_inputs(op, B, T, shape, device)
     params = [x[k] for k in op.grad_inputs]
     ours = lambda: op.run(x, backend="triton", initial_state=None, cu_seqlens=None)[0]
     time_method(report, {"method": f"{name}_triton", "B": B, "T": T}, ours, params, do, B * T, device, shape)
@@ -79,6 +89,7 @@ def main() -> None:
         "ops_speed", args, shape={**shape, "dtype": "bf16"},
         timing="dry run: one CPU run each, not a measurement" if args.dry_run else timing,
         baselines={name: op.fla_name for name, op in OPS.items()} | {"sdpa": "torch SDPA, causal"},
+        fla_autotune=FLA_AUTOTUNE,
     )  # fmt: skip
     no_fla = fla_unavailable(device)
     if no_fla:
@@ -91,7 +102,13 @@ def main() -> None:
         fn = lambda qkv=qkv: sdpa(*qkv)
         time_method(report, {"method": "sdpa", "B": B, "T": T}, fn, qkv, do, B * T, device, shape)
         for name, op in OPS.items():
-            bench_op(report, name, op, B, T, do, device, shape, fla=not no_fla)
+            try:  # making the inputs can fail too (out of memory at 32K): the next op still runs
+                bench_op(report, name, op, B, T, do, device, shape, fla=not no_fla)
+            except Exception as err:  # noqa: BLE001
+                report.fail(
+                    f"{name} T={T}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                )
+                torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

@@ -37,11 +37,15 @@ DRY_CASES = [
 ]
 
 
-def check_case(report: Report, name: str, op, case, dtype_name: str, device: torch.device, long_t: int):
+def takes(op, case) -> bool:
+    """Whether the op takes the case's head dim."""
+    return case[4] <= max(op.head_dims)
+
+
+def case_inputs(name: str, op, case, dtype_name: str, device: torch.device) -> dict:
+    """The case's inputs on `device` (rounded to the checked dtype once; the references upcast them):
+    x (the op's dict), h0, dht, do, cu (or None) and T."""
     label, B, T, H, D, docs, strong = case
-    largest = max(op.head_dims)
-    if largest < D:
-        return report.skip(f"{name} {label}", f"head dim {D} is over the op's largest, {largest}")
     cu = None
     if docs is not None:
         T = sum(docs)
@@ -52,27 +56,42 @@ def check_case(report: Report, name: str, op, case, dtype_name: str, device: tor
     h0, dht = torch.randn(N, H, D, D, generator=gen), torch.randn(N, H, D, D, generator=gen)
     do = torch.randn(B, T, H, D, generator=gen)
     dtype = DTYPES[dtype_name]
-    # The inputs every path sees: rounded to the checked dtype once, then upcast for the references.
     x = {k: (v.to(dtype) if k in op.grad_inputs else v).to(device) for k, v in x.items()}
-    do, dht, h0 = do.to(device), dht.to(device), h0.to(device)
+    return {"x": x, "h0": h0.to(device), "dht": dht.to(device), "do": do.to(device), "cu": cu, "T": T}
 
-    def grads(fn, cast):
-        xs = {k: v.to(cast(v)).detach().requires_grad_(k in op.grad_inputs) for k, v in x.items()}
-        s0 = h0.to(cast(h0)).detach().requires_grad_()
-        o, ht = fn(xs, initial_state=s0, cu_seqlens=cu)
-        ((o.double() * do.double()).sum() + (ht.double() * dht.double()).sum()).backward()
-        out = {"o": o, "final_state": ht, "d_initial_state": s0.grad}
-        out.update({f"d{k}": xs[k].grad for k in op.grad_inputs})
-        return out
 
+def grads(op, inputs: dict, fn, cast) -> dict:
+    """o, the final state and every gradient of `fn` (an `Op.run`-like call) on the case's inputs,
+    cast per tensor by `cast`; the loss is o·do + final state·dht, in fp64."""
+    x, h0, do, dht = inputs["x"], inputs["h0"], inputs["do"], inputs["dht"]
+    xs = {k: v.to(cast(v)).detach().requires_grad_(k in op.grad_inputs) for k, v in x.items()}
+    s0 = h0.to(cast(h0)).detach().requires_grad_()
+    o, ht = fn(xs, initial_state=s0, cu_seqlens=inputs["cu"])
+    ((o.double() * do.double()).sum() + (ht.double() * dht.double()).sum()).backward()
+    out = {"o": o, "final_state": ht, "d_initial_state": s0.grad}
+    out.update({f"d{k}": xs[k].grad for k in op.grad_inputs})
+    return out
+
+
+def triton_grads(op, inputs: dict) -> dict:
+    return grads(op, inputs, lambda xs, **kw: op.run(xs, backend="triton", **kw), lambda v: v.dtype)
+
+
+def check_case(report: Report, name: str, op, case, dtype_name: str, device: torch.device, long_t: int):
+    label, B, _, H, D, docs, strong = case
+    if not takes(op, case):
+        return report.skip(f"{name} {label}", f"head dim {D} is over the op's largest, {max(op.head_dims)}")
+    inputs = case_inputs(name, op, case, dtype_name, device)
+    T = inputs["T"]
     t0 = time.perf_counter()
-    got = grads(lambda xs, **kw: op.run(xs, backend="triton", **kw), lambda v: v.dtype)
+    got = triton_grads(op, inputs)
     if long_t >= T:  # short enough for the naive loop
         reference = "naive fp64"
-        ref = grads(op.naive, lambda v: torch.float64)
+        ref = grads(op, inputs, op.naive, lambda v: torch.float64)
     else:
         reference = "chunked PyTorch fp32"
-        ref = grads(lambda xs, **kw: op.run(xs, backend="torch", **kw), lambda v: torch.float32)
+        torch_run = lambda xs, **kw: op.run(xs, backend="torch", **kw)
+        ref = grads(op, inputs, torch_run, lambda v: torch.float32)
     errors = {k: rel_rmse(got[k], ref[k]) for k in ref}
     tol = op.tolerance[dtype_name]
     row = {
@@ -89,6 +108,11 @@ def check_case(report: Report, name: str, op, case, dtype_name: str, device: tor
         report.fail(f"{name} {label} {dtype_name} T={T} D={D} vs {reference}: {bad} (tol {tol:.0e})")
 
 
+def by_cost(cases: list) -> list:
+    """Cheapest first (B·T·H·D²)."""
+    return sorted(cases, key=lambda c: c[1] * (c[2] or sum(c[5])) * c[3] * c[4] ** 2)
+
+
 def main() -> None:
     args = step_args(__doc__.split("\n\n")[0])
     device = torch.device("cpu" if args.dry_run else "cuda")
@@ -101,7 +125,7 @@ def main() -> None:
     )  # fmt: skip
     # Round-robin, cheapest case first: a step stopped at its cap has checked every op on the same
     # cases, and one failing case (an exception: a launch out of resources) does not end the step.
-    for case in sorted(cases, key=lambda c: c[1] * (c[2] or sum(c[5])) * c[3] * c[4] ** 2):
+    for case in by_cost(cases):
         for name, op in OPS.items():
             for dtype_name in DTYPES:
                 try:

@@ -16,6 +16,7 @@ op is called as attn(q, k, v, x[own_input], ...)):
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,6 +32,29 @@ from lmstack_kernels.lightning import lightning_attn
 from lmstack_kernels.lightning.naive import naive_lightning_attn
 
 Inputs = dict[str, torch.Tensor]
+
+FLA_AUTOTUNE = (
+    "bounded: every Triton Autotuner in the process keeps only the first config it lists (no H200 "
+    "configs ship with fla 0.6.0, so unbounded it would compile and time every config per shape)"
+)
+
+
+@functools.cache
+def import_fla() -> None:
+    """Import fla's ops with its autotuning bounded (FLA_AUTOTUNE). fla builds its autotuners at
+    import and at first call (modules imported lazily), through `triton.autotune` and its own
+    `Autotuner` subclass: the bound goes on `Autotuner.__init__`, for the rest of the process (the
+    lmstack kernels do not autotune). With one config Triton compiles it and times nothing."""
+    from triton.runtime.autotuner import Autotuner
+
+    init = Autotuner.__init__
+
+    @functools.wraps(init)
+    def first_config(self, fn, arg_names, configs, *args, **kwargs):
+        init(self, fn, arg_names, configs[:1], *args, **kwargs)
+
+    Autotuner.__init__ = first_config
+    importlib.import_module("fla.ops")
 
 
 @dataclass(frozen=True)
@@ -73,6 +97,7 @@ def _lightning_inputs(B, T, H, K, V, strong_decay, gen) -> Inputs:
 
 
 def _fla_simple_gla(x: Inputs, initial_state=None, cu_seqlens=None):
+    import_fla()
     from fla.ops.simple_gla import chunk_simple_gla
 
     B, T, H, _ = x["q"].shape
@@ -103,6 +128,7 @@ def _fla_chunk(module: str, name: str, own_input: str) -> Callable:
     """fla's `module.name`, called (q, k, v, x[own_input], …) like `Op.run` (imported when called)."""
 
     def call(x: Inputs, initial_state=None, cu_seqlens=None):
+        import_fla()
         return getattr(importlib.import_module(module), name)(
             x["q"], x["k"], x["v"], x[own_input], initial_state=initial_state, output_final_state=True,
             cu_seqlens=None if cu_seqlens is None else cu_seqlens.long(),

@@ -113,7 +113,9 @@ def delta_rule_attn(
             q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens, chunk_size or TRITON_CHUNK
         )
     else:
-        o, ht = chunk_delta_rule(q, k, v, beta, scale, initial_state, cu_seqlens, chunk_size or TORCH_CHUNK)
+        o, ht = chunk_delta_rule(
+            q, k, v, beta, scale, initial_state, cu_seqlens=cu_seqlens, chunk_size=chunk_size or TORCH_CHUNK
+        )
     return o, (ht if output_final_state else None)
 
 

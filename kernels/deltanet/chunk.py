@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from lmstack_kernels.common.chunked import from_chunks, pow2, to_chunks
+from lmstack_kernels.common.compiler import eager_with_documents
 
 
 def _unit_lower_inverse(lower: torch.Tensor) -> torch.Tensor:
@@ -145,6 +146,7 @@ def _documents(B: int, T: int, cu_seqlens: torch.Tensor | None) -> list[int]:
     return [e - s for s, e in zip(cu[:-1], cu[1:])]
 
 
+@eager_with_documents
 def chunk_delta_rule(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -152,6 +154,7 @@ def chunk_delta_rule(
     beta: torch.Tensor,
     scale: float,
     initial_state: torch.Tensor | None = None,
+    *,
     cu_seqlens: torch.Tensor | None = None,
     chunk_size: int = 64,
     g: torch.Tensor | None = None,

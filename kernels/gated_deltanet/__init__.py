@@ -109,7 +109,15 @@ def gated_delta_rule_attn(
         )
     else:
         o, ht = chunk_delta_rule(
-            q, k, v, beta, scale, initial_state, cu_seqlens, chunk_size or TORCH_CHUNK, g
+            q,
+            k,
+            v,
+            beta,
+            scale,
+            initial_state,
+            cu_seqlens=cu_seqlens,
+            chunk_size=chunk_size or TORCH_CHUNK,
+            g=g,
         )
     return o, (ht if output_final_state else None)
 

@@ -105,7 +105,7 @@ def gla_attn(
     elif use_triton("gla_attn", q, backend, "lmstack_kernels.gla.triton_kernels"):
         o, ht = _triton_path(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
     else:
-        o, ht = chunk_gla(q, k, v, g, scale, initial_state, cu_seqlens)
+        o, ht = chunk_gla(q, k, v, g, scale, initial_state, cu_seqlens=cu_seqlens)
     return o, (ht if output_final_state else None)
 
 

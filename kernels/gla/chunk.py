@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from lmstack_kernels.common.chunked import from_chunks, scan_states, to_chunks
+from lmstack_kernels.common.compiler import eager_with_documents
 
 
 def _chunk_terms(qb, kb, vb, gb):
@@ -106,7 +107,8 @@ def chunk_gla_packed(q, k, v, g, scale, initial_state, cu_seqlens, chunk_size=64
     return o.to(q.dtype), final
 
 
-def chunk_gla(q, k, v, g, scale, initial_state=None, cu_seqlens=None, chunk_size=64):
+@eager_with_documents
+def chunk_gla(q, k, v, g, scale, initial_state=None, *, cu_seqlens=None, chunk_size=64):
     """`chunk_gla_dense`, or `chunk_gla_packed` with `cu_seqlens`."""
     if cu_seqlens is None:
         return chunk_gla_dense(q, k, v, g, scale, initial_state, chunk_size)

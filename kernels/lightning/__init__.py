@@ -101,7 +101,7 @@ def lightning_attn(
         o, ht = _triton_path(q, k, v, decay, scale, initial_state, output_final_state, cu_seqlens, chunk_size)
     else:
         o, ht = chunk_lightning_attn(
-            q, k, v, decay.detach(), scale, initial_state, cu_seqlens, chunk_size or 64
+            q, k, v, decay.detach(), scale, initial_state, cu_seqlens=cu_seqlens, chunk_size=chunk_size or 64
         )
     return o, (ht if output_final_state else None)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from lmstack_kernels.common.chunked import from_chunks, scan_states, to_chunks
+from lmstack_kernels.common.compiler import eager_with_documents
 
 
 def chunk_lightning_attn_dense(
@@ -53,6 +54,7 @@ def chunk_lightning_attn_dense(
     return o.to(q.dtype), S
 
 
+@eager_with_documents
 def chunk_lightning_attn(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -60,6 +62,7 @@ def chunk_lightning_attn(
     decay: torch.Tensor,
     scale: float,
     initial_state: torch.Tensor | None = None,
+    *,
     cu_seqlens: torch.Tensor | None = None,
     chunk_size: int = 64,
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from lmstack.errors import ConfigError
@@ -27,13 +28,45 @@ _NOT_STOP_SIGNALS = (
 STOP_SIGNAL_NAMES = frozenset(s.name for s in signal.Signals if s.name not in _NOT_STOP_SIGNALS)
 
 
+def _is_name(name: str) -> bool:
+    """A name that can go into a metric's key (val/<name>/loss, data/tokens/<name>)."""
+    return bool(name) and all(c.isalnum() or c in "_.-" for c in name)
+
+
+@dataclass
+class MixtureSource:
+    """One prepared folder of `data.mixture`: its samples make up `weight` / (sum of the weights) of
+    the training positions; `name` (default: the folder's name) keys its metrics."""
+
+    path: str = ""
+    weight: float = 1.0
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.name is None:
+            self.name = Path(self.path).name
+
+    def validate(self, prefix: str = "") -> None:
+        if not self.path:
+            raise ConfigError(f"{prefix}path: expected a prepared data folder, got an empty string")
+        if not self.weight > 0:
+            raise ConfigError(f"{prefix}weight: expected a positive number, got {self.weight}")
+        if not _is_name(self.name):
+            raise ConfigError(f"{prefix}name: expected letters, digits and '_.-', got {self.name!r}")
+
+
 @dataclass
 class DataConfig:
     """Where training tokens come from: `lmstack prepare-data` turns text into token shards under
-    `path`; the trainer reads packed `seq_len` samples from there (see lmstack.data)."""
+    `path`; the trainer reads packed `seq_len` samples from there, or from the weighted folders of
+    `mixture` (see lmstack.data)."""
 
     # Folder of prepared, memory-mapped token shards (`lmstack prepare-data` writes it).
     path: str = "data/default"
+    # train: instead of data.path, several prepared folders (same tokenizer), samples drawn by weight
+    # (normalised), e.g. [{path: data/pile, weight: 0.9}, {path: data/code, weight: 0.1, name: code}];
+    # each source's tokens are logged as data/tokens/<name>, its val split as val/<name>/loss.
+    mixture: list[MixtureSource] = field(default_factory=list)
     seq_len: int = 256
     # Seed of the shuffled order of training samples (independent of the model's init seed).
     seed: int = 1234
@@ -71,6 +104,10 @@ class DataConfig:
     val_path: dict[str, str] = field(default_factory=dict)
     # A shard closes once it holds this many megabytes of text.
     shard_mb: float = 64.0
+    # Each input file is prepared in blocks of this many documents, each with its own shards: the
+    # unit that worker processes and `prepare-data --part I/N` share out (the layout does not
+    # depend on how many of them there are).
+    block_docs: int = 50000
     # Tokenizer worker processes (0: one per CPU core; 1: tokenize in this process).
     num_workers: int = 0
     # Documents per tokenization task sent to a worker.
@@ -82,6 +119,7 @@ class DataConfig:
 
         if not self.path:
             fail("path", "expected a folder for the prepared data, got an empty string")
+        self._validate_mixture(prefix)
         if self.seq_len < 1:
             fail("seq_len", f"expected a positive integer, got {self.seq_len}")
         self._validate_source(prefix)
@@ -96,17 +134,37 @@ class DataConfig:
         if not 0.0 <= self.val_fraction <= 0.5:
             fail("val_fraction", f"expected a number in [0, 0.5], got {self.val_fraction}")
         for name, folder in self.val_path.items():
-            if not name or not all(c.isalnum() or c in "_.-" for c in name) or not folder:
+            if not _is_name(name) or not folder:
                 fail(
                     f"val_path.{name}",
                     f"expected a name of letters, digits, '_.-' and a folder, got {folder!r}",
                 )
+            if name in (s.name for s in self.mixture):
+                fail(
+                    f"val_path.{name}",
+                    "a data.mixture source's val split is logged under that name; rename one",
+                )
         if self.shard_mb <= 0:
             fail("shard_mb", f"expected a positive number, got {self.shard_mb}")
+        if self.block_docs < 1:
+            fail("block_docs", f"expected a positive integer, got {self.block_docs}")
         if self.num_workers < 0:
             fail("num_workers", f"expected 0 (one per core) or a positive integer, got {self.num_workers}")
         if self.batch_docs < 1:
             fail("batch_docs", f"expected a positive integer, got {self.batch_docs}")
+
+    def _validate_mixture(self, prefix: str) -> None:
+        if not self.mixture:
+            return
+        if self.path != DataConfig.path:
+            raise ConfigError(f"{prefix}mixture: set data.path ({self.path!r}) or data.mixture, not both")
+        names = [s.name for s in self.mixture]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise ConfigError(
+                    f"{prefix}mixture[{i}].name: '{name}' names two sources (the default is the folder's "
+                    "name); give each its own name"
+                )
 
     def _validate_source(self, prefix: str) -> None:
         from lmstack.data.sources import get_source, open_source

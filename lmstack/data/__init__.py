@@ -2,9 +2,13 @@
 
 Public API (imported lazily, so that tokenizer worker processes stay light):
 
-- `prepare_data(cfg: DataConfig, *, progress=True, log=None) -> DataIndex` — `lmstack prepare-data`.
+- `prepare_data(cfg: DataConfig, *, part=None, progress=True, log=None) -> DataIndex | None` —
+  `lmstack prepare-data` (`part=(I, N)`: part I of N, None unless it merged); `prepare_tokenizer(cfg)`
+  (`--tokenizer-only`, the first step before parts), `merge_parts(cfg, N)` (`--merge N`).
 - `TrainReader(data_dir, seq_len, batch_size, *, rank=0, world_size=1, seed=0, verify="first-use")` —
   infinite, shuffled, rank-sharded `Batch`es with `state_dict()` / `load_state_dict()`.
+- `MixtureReader(sources, seq_len, batch_size, *, rank=0, world_size=1, seed=0)` — the same over
+  weighted prepared folders (`data.mixture`; lmstack.data.mixture).
 - `ValReader(data_dir, seq_len, batch_size, *, rank=0, world_size=1)` — every validation token once.
 - `Batch(input_ids, labels, doc_ids, sample_ids)` — `[B, T]` int64 tensors (labels -100 = ignore).
 - `load_index(data_dir) -> DataIndex`, `load_data_tokenizer(data_dir) -> DataTokenizer`,
@@ -21,8 +25,11 @@ import importlib
 _EXPORTS = {
     "prepare_data": "lmstack.data.prepare",
     "prepare_settings": "lmstack.data.prepare",
+    "prepare_tokenizer": "lmstack.data.prepare",
+    "merge_parts": "lmstack.data.prepare",
     "TrainReader": "lmstack.data.reader",
     "ValReader": "lmstack.data.reader",
+    "MixtureReader": "lmstack.data.mixture",
     "Batch": "lmstack.data.reader",
     "TokenStream": "lmstack.data.reader",
     "model_token_ids": "lmstack.data.reader",

@@ -247,7 +247,38 @@ def _doc_ids(doc: np.ndarray) -> np.ndarray:
     return doc - doc[..., :1]
 
 
-class TrainReader:
+class TrainingOrder:
+    """The cursor of an endless training order shared by all ranks (the module docstring's Ranks and
+    Resume): `next()` gives this rank's slice of the global batch at `consumed_samples` (the
+    subclass's `next_batch`) and moves it on by `samples_per_step`."""
+
+    def __init__(self, seq_len: int, batch_size: int, rank: int, world_size: int, seed: int) -> None:
+        _check_rank(rank, world_size, batch_size, seq_len)
+        self.seq_len, self.batch_size, self.rank, self.world_size, self.seed = (
+            seq_len,
+            batch_size,
+            rank,
+            world_size,
+            seed,
+        )
+        self.consumed_samples = 0
+
+    @property
+    def samples_per_step(self) -> int:
+        """Global samples consumed by one call of `next()` (on every rank together)."""
+        return self.batch_size * self.world_size
+
+    def next_batch(self) -> Batch:
+        raise NotImplementedError
+
+    def __iter__(self) -> TrainingOrder:
+        return self
+
+    def __next__(self) -> Batch:
+        return self.next_batch()
+
+
+class TrainReader(TrainingOrder):
     """Endless shuffled packed batches of one data-parallel rank; see the module docstring.
 
     data_dir: a prepared folder; seq_len: T; batch_size: rows per batch on this rank (B);
@@ -268,16 +299,9 @@ class TrainReader:
         verify: str = "first-use",
         split: str = "train",
     ) -> None:
-        _check_rank(rank, world_size, batch_size, seq_len)
+        super().__init__(seq_len, batch_size, rank, world_size, seed)
         self.index = load_index(data_dir)
         self.stream = TokenStream(self.index, split, verify)
-        self.seq_len, self.batch_size, self.rank, self.world_size, self.seed = (
-            seq_len,
-            batch_size,
-            rank,
-            world_size,
-            seed,
-        )
         self.split = split
         self.num_samples = (self.stream.num_tokens - 1) // seq_len if self.stream.num_tokens else 0
         if self.num_samples < 1:
@@ -286,13 +310,7 @@ class TrainReader:
                 f"{seq_len + 1}; lower data.seq_len or prepare more text"
             )
         self.fingerprint = self.index.fingerprint(split)
-        self.consumed_samples = 0
         self._perms: dict[int, Permutation] = {}
-
-    @property
-    def samples_per_step(self) -> int:
-        """Global samples consumed by one call of `next()` (on every rank together)."""
-        return self.batch_size * self.world_size
 
     @property
     def epoch(self) -> int:
@@ -338,12 +356,6 @@ class TrainReader:
         batch = self.samples(self.sample_ids_at(np.arange(start, start + self.batch_size)))
         self.consumed_samples += self.samples_per_step
         return batch
-
-    def __iter__(self) -> TrainReader:
-        return self
-
-    def __next__(self) -> Batch:
-        return self.next_batch()
 
     def state_dict(self) -> dict:
         """The exact position (the same on every rank); JSON- and torch.save-friendly."""

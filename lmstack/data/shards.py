@@ -1,11 +1,12 @@
 """Token shards on disk and the index that describes them.
 
-A prepared data folder holds, per split (`train`, `val`) and shard number k:
+A prepared data folder holds, per split (`train`, `val`), input file i, block b of that input and
+shard number k within the block (NAME = {split}-{i:05d}-{b:05d}-{k:05d}):
 
-    {split}-{k:05d}.bin    the tokens of whole documents, concatenated (uint16 or uint32, little-endian)
-    {split}-{k:05d}.docs   int64 little-endian: the offset of each document's first token in the .bin
-    {split}-{k:05d}.json   the shard's record (counts and sha256 checksums), written last: a shard is
-                           finished exactly when this file exists
+    NAME.bin    the tokens of whole documents, concatenated (uint16 or uint32, little-endian)
+    NAME.docs   int64 little-endian: the offset of each document's first token in the .bin
+    NAME.json   the shard's record (counts and sha256 checksums), written last: a shard is finished
+                exactly when this file exists
 
 plus `index.json` (all shard records, the tokenizer record, dtype, the preparation settings and a
 sha256 `checksum` of all that; written last, atomically) and the tokenizer files (see lmstack.data.tokenizer). Files are written under a
@@ -24,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -37,12 +39,14 @@ VERSION = 1
 SPLITS = ("train", "val")
 
 
-def shard_name(split: str, idx: int) -> str:
-    return f"{split}-{idx:05d}"
+def shard_name(split: str, input_idx: int, block: int, idx: int) -> str:
+    """Shard `idx` of `split` in block `block` of input `input_idx` (see lmstack.data.prepare)."""
+    return f"{split}-{input_idx:05d}-{block:05d}-{idx:05d}"
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    # A name of its own per writer: parts on several machines may write the same file (the index).
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:12]}.tmp")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
@@ -97,8 +101,8 @@ class ShardWriter:
     """Streams tokens of whole documents into `{name}.bin.tmp` / `{name}.docs.tmp`; `close()` renames
     them and then writes the `{name}.json` record that marks the shard finished."""
 
-    def __init__(self, data_dir: Path, split: str, idx: int, dtype: np.dtype, tokenizer_sha256: str) -> None:
-        self.dir, self.split, self.name = Path(data_dir), split, shard_name(split, idx)
+    def __init__(self, data_dir: Path, split: str, name: str, dtype: np.dtype, tokenizer_sha256: str) -> None:
+        self.dir, self.split, self.name = Path(data_dir), split, name
         self.dtype, self.tokenizer_sha256 = np.dtype(dtype), tokenizer_sha256
         self.num_tokens = self.num_documents = self.text_bytes = 0
         self._tok_hash, self._doc_hash = hashlib.sha256(), hashlib.sha256()

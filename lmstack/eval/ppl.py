@@ -109,6 +109,11 @@ def run_ppl(
     if data_dir is None:
         if run_config is None:
             raise LMStackError("--data: give the prepared data folder (the model folder does not name one)")
+        if run_config.data.mixture:
+            raise LMStackError(
+                "--data: the run trained on data.mixture; give one prepared folder (e.g. one of its sources: "
+                f"{', '.join(s.path for s in run_config.data.mixture)})"
+            )
         data_dir = run_config.data.path
     if seq_len is None:
         seq_len = run_config.data.seq_len if run_config is not None else lm.config.max_seq_len

@@ -1,6 +1,7 @@
 """The trainer's view of the data: a stateful training reader and validation batches.
 
-The real readers live in `lmstack.data` (prepared shards in `data.path`); this module adapts them to
+The real readers live in `lmstack.data` (prepared shards in `data.path` or the folders of
+`data.mixture`); this module adapts them to
 what the loop needs and adds `SyntheticReader` (random tokens, no files) for benchmarks and tests.
 
 A reader yields `lmstack.data.Batch`es (`input_ids`, `labels` (IGNORE_INDEX: ignore), `doc_ids`, each
@@ -42,6 +43,8 @@ class DataSource:
     token_ids: dict[str, int | None] | None = None
     # This rank's batches of each named validation folder (data.val_path), from the start.
     named_val: dict[str, Callable[[], Iterable[Batch]]] = field(default_factory=dict)
+    # The input tokens of each named source so far, all ranks together (a data.mixture; None: one folder).
+    tokens_per_source: Callable[[], dict[str, int]] | None = None
 
 
 class SyntheticReader:
@@ -156,7 +159,7 @@ def build_data(config: RunConfig, groups: ParallelLayout, micro_batch: int, sour
     if data.vocab_size is not None and data.vocab_size > config.model.vocab_size:
         raise LMStackError(
             f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's vocabulary "
-            f"({data.vocab_size}) in {config.data.path}"
+            f"({data.vocab_size}) in {next(iter(train_folders(config).values()))}"
         )
     return data
 
@@ -176,28 +179,57 @@ def check_prepared(path: Path, field_name: str = "data.path") -> None:
         )
 
 
+def train_folders(config: RunConfig) -> dict[str, Path]:
+    """The prepared folders training reads, by config field: data.path, or each data.mixture source."""
+    data = config.data
+    if not data.mixture:
+        return {"data.path": Path(data.path)}
+    return {f"data.mixture[{i}].path": Path(s.path) for i, s in enumerate(data.mixture)}
+
+
+def check_train_folders(config: RunConfig) -> None:
+    for field_name, path in train_folders(config).items():
+        check_prepared(path, field_name)
+
+
 def prepared_source(config: RunConfig, rank: int, world: int, micro_batch: int) -> DataSource:
-    """Readers over the prepared shards in `data.path` (lmstack.data.TrainReader / ValReader)."""
-    path = Path(config.data.path)
-    check_prepared(path)
-    from lmstack.data import TrainReader, ValReader, load_index, model_token_ids
+    """Readers over the prepared shards in `data.path` (lmstack.data.TrainReader / ValReader), or over
+    the folders of `data.mixture` (lmstack.data.MixtureReader; each source's val split is a named
+    validation set of its own)."""
+    check_train_folders(config)
+    from lmstack.data import MixtureReader, TrainReader, load_index, model_token_ids
 
-    T = config.data.seq_len
-    train = TrainReader(path, T, micro_batch, rank=rank, world_size=world, seed=config.data.seed)
+    data, T = config.data, config.data.seq_len
+    if data.mixture:
+        sources = [(s.name, s.path, s.weight) for s in data.mixture]
+        train = MixtureReader(sources, T, micro_batch, rank=rank, world_size=world, seed=data.seed)
+        path, val, tokens_per_source = Path(data.mixture[0].path), None, train.tokens_per_source
+        own_val = {s.name: own_val_batches(Path(s.path), T, micro_batch, rank, world) for s in data.mixture}
+    else:
+        path, tokens_per_source = Path(data.path), None
+        train = TrainReader(path, T, micro_batch, rank=rank, world_size=world, seed=data.seed)
+        val, own_val = own_val_batches(path, T, micro_batch, rank, world), {}
     index = load_index(path)
-    val = None
-    if "val" in index.splits and index.shards("val"):
-
-        def val() -> Iterable[Batch]:
-            return ValReader(path, T, micro_batch, rank=rank, world_size=world)
-
-    named_val = {
-        name: named_val_batches(Path(folder), index, name, T, micro_batch, rank, world)
-        for name, folder in config.data.val_path.items()
-    }
+    named_val = {name: batches for name, batches in own_val.items() if batches is not None}
+    named_val.update(
+        (name, named_val_batches(Path(folder), index, name, T, micro_batch, rank, world))
+        for name, folder in data.val_path.items()
+    )
     tok_dir = path / "tokenizer"
     ids = {k: v for k, v in model_token_ids(path).items() if k != "vocab_size"}
-    return DataSource(train, val, tok_dir if tok_dir.is_dir() else None, index.vocab_size, ids, named_val)
+    return DataSource(
+        train, val, tok_dir if tok_dir.is_dir() else None, index.vocab_size, ids, named_val, tokens_per_source
+    )
+
+
+def own_val_batches(folder: Path, seq_len: int, micro_batch: int, rank: int, world: int):
+    """This rank's batches of a training folder's own val split, from the start (None: no such split)."""
+    from lmstack.data import ValReader, load_index
+
+    index = load_index(folder)
+    if not index.splits.get("val"):
+        return None
+    return lambda: ValReader(folder, seq_len, micro_batch, rank=rank, world_size=world)
 
 
 def named_val_batches(

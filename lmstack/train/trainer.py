@@ -36,7 +36,7 @@ from lmstack.parallel import build_layout
 from lmstack.train import distributed
 from lmstack.train.build import aux_loss_weights, build_model
 from lmstack.train.checkpoint import Checkpointer, resolve_resume
-from lmstack.train.data import build_data, check_prepared, prepared_source, with_data_token_ids
+from lmstack.train.data import build_data, check_train_folders, prepared_source, with_data_token_ids
 from lmstack.train.engine import Engine, zero_stage_for
 from lmstack.train.faults import TrainHooks, hooks_from_env
 from lmstack.train.layout import RunLayout
@@ -71,7 +71,7 @@ class Trainer:
         )
         self.resume_dir = resolve_resume(resume, self.checkpointer.dir)
         if source_factory is prepared_source:
-            check_prepared(Path(config.data.path))
+            check_train_folders(config)
 
         self.dist = distributed.init_distributed(t.dist_timeout_s)
         self.device = self.dist.device
@@ -246,7 +246,8 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float] | None:
         """Loss and perplexity on the data folder's own validation split (`val_loss`, `val_ppl`) and on
-        every named `data.val_path` folder (`val/<name>/loss`, `val/<name>/ppl`); None: nothing to do."""
+        every named `data.val_path` folder and `data.mixture` source's val split (`val/<name>/loss`,
+        `val/<name>/ppl`); None: nothing to do."""
         if (self.data.val is None and not self.data.named_val) or self.config.train.eval_batches == 0:
             return None
         self.engine.eval()
@@ -387,6 +388,8 @@ class Trainer:
             **memory_stats(self.device),
             **{k: v for k, v in m.items() if k.startswith(("aux/", "comm/"))},
         }
+        if self.data.tokens_per_source is not None:
+            record.update({f"data/tokens/{k}": v for k, v in self.data.tokens_per_source().items()})
         logger.log("train", self.state.step, record)
         if self.layout.is_main:
             bar.set_postfix(

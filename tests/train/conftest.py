@@ -28,6 +28,27 @@ def tiny_data(tmp_path_factory) -> Path:
     return path
 
 
+def prepare_with_tokenizer(path: Path, docs: list[str], tokenizer: Path, val_fraction: float) -> Path:
+    """`docs` prepared into `path` (from a jsonl file written next to it) with `tokenizer` (a
+    tokenizer.json, e.g. tiny_data's), every round(1 / val_fraction)-th document held out."""
+    from lmstack.config import DataConfig
+    from lmstack.data import prepare_data
+
+    src = path.with_name(path.name + ".jsonl")
+    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    options = {"jsonl": {"inputs": [str(src)]}}
+    cfg = DataConfig(
+        path=str(path),
+        source="jsonl",
+        source_options=options,
+        tokenizer=str(tokenizer),
+        val_fraction=val_fraction,
+        num_workers=1,
+    )
+    prepare_data(cfg, progress=False)
+    return path
+
+
 def base_overrides(data: Path, run_dir: Path, **extra) -> list[str]:
     """A tiny model and run: 2 layers of width 32, sequences of 32 tokens, global batch 8."""
     values = {

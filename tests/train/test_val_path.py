@@ -3,31 +3,14 @@ val/<name>/loss and val/<name>/ppl."""
 
 from __future__ import annotations
 
-import json
 import math
 
-from conftest import base_overrides, cli_train, records
-
-from lmstack.config import DataConfig
-from lmstack.data import prepare_data
+from conftest import base_overrides, cli_train, prepare_with_tokenizer, records
 
 
 def test_a_run_with_val_path_logs_both_validation_sets(tiny_data, tmp_path):
-    src = tmp_path / "heldout.jsonl"
     docs = [f"held out document {i}: the king and the queen walk into the night." * 3 for i in range(8)]
-    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    heldout = tmp_path / "heldout"
-    prepare_data(
-        DataConfig(
-            path=str(heldout),
-            source="jsonl",
-            source_options={"jsonl": {"inputs": [str(src)]}},
-            tokenizer=str(tiny_data / "tokenizer.json"),
-            val_fraction=0.0,
-            num_workers=1,
-        ),
-        progress=False,
-    )
+    heldout = prepare_with_tokenizer(tmp_path / "heldout", docs, tiny_data / "tokenizer.json", 0.0)
     run = tmp_path / "run"
     overrides = base_overrides(
         tiny_data, run, **{"train.max_steps": 2, "train.eval_every": 2, "train.eval_batches": None}

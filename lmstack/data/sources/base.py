@@ -12,10 +12,11 @@ is deterministic and a re-run can recognise the shards it already wrote. Besides
 
 from __future__ import annotations
 
+import functools
 import glob
 import io
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -57,6 +58,12 @@ class Source:
         """The documents (non-empty strings), in a fixed order. Errors name the file (and line)."""
         raise NotImplementedError
 
+    def readers(self) -> list[Callable[[], Iterator[str]]]:
+        """The inputs as document streams that can be read independently (one per file), whose
+        concatenation is `documents()`: prepare-data reads them in parallel and shares them out over
+        `--part`s. Default: the one stream `documents()`."""
+        return [self.documents]
+
     def describe(self, max_documents: int | None) -> dict:
         """The settings that decide which documents come out (prepare.json's `source`, after its
         `source` key), with `data.max_documents`, the cap every source shares, where the record has
@@ -87,6 +94,17 @@ class InputsSource(Source):
 
     def check(self) -> None:
         self.files()
+
+    def read(self, path: Path) -> Iterator[str]:
+        """The documents of one input file."""
+        raise NotImplementedError
+
+    def documents(self) -> Iterator[str]:
+        for path in self.files():
+            yield from self.read(path)
+
+    def readers(self) -> list[Callable[[], Iterator[str]]]:
+        return [functools.partial(self.read, path) for path in self.files()]
 
     def files(self) -> list[Path]:
         return expand_inputs(self.options.inputs, self.suffixes, f"{self.where}inputs")

@@ -4,7 +4,7 @@ or a single data file (json/jsonl/csv/parquet/txt), its text read from one colum
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +47,9 @@ class HfSource(InputsSource):
 
     def check(self) -> None:
         """None up front: the input may be a hub name; loading it names what is missing."""
+
+    def readers(self) -> list[Callable[[], Iterator[str]]]:
+        return [self.documents]  # one data set, one stream
 
     def documents(self) -> Iterator[str]:
         try:

@@ -60,8 +60,8 @@ class JsonlSource(InputsSource):
     flat_keys = {**InputsSource.flat_keys, "text_key": "text_key", "pile_subsets": "subsets"}
     suffixes = (".jsonl", ".jsonl.zst", ".json.zst", ".jsonl.gz")
 
-    def documents(self) -> Iterator[str]:
-        return iter_jsonl(self.files(), self.options.text_key, self.options.subsets)
+    def read(self, path: Path) -> Iterator[str]:
+        return iter_jsonl([path], self.options.text_key, self.options.subsets)
 
     def reading(self) -> dict:
         return {"text_key": self.options.text_key, "pile_subsets": self.options.subsets}

@@ -48,8 +48,8 @@ class TextSource(InputsSource):
     flat_keys = {**InputsSource.flat_keys, "text_doc_split": "doc_split"}
     suffixes = (".txt", ".txt.zst", ".md", ".text")
 
-    def documents(self) -> Iterator[str]:
-        return iter_text(self.files(), self.options.doc_split)
+    def read(self, path: Path) -> Iterator[str]:
+        return iter_text([path], self.options.doc_split)
 
     def reading(self) -> dict:
         return {"text_doc_split": self.options.doc_split}
