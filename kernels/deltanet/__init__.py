@@ -43,14 +43,17 @@ def _check_beta(op: str, k: torch.Tensor, beta) -> None:
 
 
 @disable_compile  # the Triton launch graph-breaks under torch.compile
-def _triton_path(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens, chunk_size):
+def _triton_path(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens, chunk_size, g=None):
+    """With the log decays g [B, T, H], the gated delta rule (`lmstack_kernels.gated_deltanet`)."""
     from lmstack_kernels.common.triton_utils import flatten_varlen
     from lmstack_kernels.deltanet.triton_kernels import DeltaRuleFunction
 
     B, T, H, _ = q.shape
-    (q, k, v, beta), cu = flatten_varlen((q, k, v, beta), cu_seqlens)
+    (q, k, v, beta, *g), cu = flatten_varlen((q, k, v, beta, *([] if g is None else [g])), cu_seqlens)
     h0 = None if initial_state is None else initial_state.float().contiguous()
-    o, ht = DeltaRuleFunction.apply(q, k, v, beta, float(scale), h0, cu, output_final_state, chunk_size)
+    o, ht = DeltaRuleFunction.apply(
+        q, k, v, beta, g[0] if g else None, float(scale), h0, cu, output_final_state, chunk_size
+    )
     return o.view(B, T, H, -1), ht
 
 

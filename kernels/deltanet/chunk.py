@@ -46,6 +46,15 @@ def _wy_factors(k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor) -> tuple[t
     return T @ k_beta, T @ (v * beta[..., None])
 
 
+def _block_decays(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gated DeltaNet's decays, g [..., C] -> (a [..., C] the cumulative log decay, D [..., C, C] =
+    exp(a_i − a_j) for i ≥ j and 0 above the diagonal; masked before the exp, so no positive
+    exponent is ever taken: lmstack_kernels/gated_deltanet/MATH.md)."""
+    a = g.cumsum(-1)
+    causal = torch.ones(g.shape[-1], g.shape[-1], dtype=torch.bool, device=g.device).tril()
+    return a, (a[..., :, None] - a[..., None, :]).masked_fill(~causal, float("-inf")).exp()
+
+
 def _grid(x: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
     """Blocks [1, H, n, C, D] -> [steps, N, H, C, D] by the block index of each (step, document)
     cell; index n (past the end) is an all-zero block, which leaves the state unchanged."""
@@ -62,10 +71,13 @@ def _chunk_documents(
     initial_state: torch.Tensor | None,
     lengths: list[int],
     chunk_size: int,
+    g: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Documents of `lengths` tokens laid end to end in one row: q, k [1, TT, H, K] (q None: the final
     states only), v [1, TT, H, V], beta [1, TT, H], initial_state [N, H, K, V] or None. Returns (o
-    [1, TT, H, V] in q's dtype or None, final states [N, H, K, V] fp32).
+    [1, TT, H, V] in q's dtype or None, final states [N, H, K, V] fp32). With the log decays g
+    [1, TT, H] this is the gated delta rule (Gated DeltaNet; its MATH.md): the same loop with
+    W = T diag(β e^a) K, S ← e^{a_end} S + (diag(e^{a_end − a}) K)ᵀ U and the decays in o.
 
     Every document starts a block of a padded layout, so the UT transform and W, U⁰ of all blocks of
     all documents are computed at once; the state loop then takes step c of every document together
@@ -87,19 +99,29 @@ def _chunk_documents(
         padded = lambda x: x.new_zeros(1, n * C, *x.shape[2:]).index_copy(1, pos, x)
         unpad = lambda o: o.index_select(1, pos)
     blocks = lambda x: to_chunks(padded(x), n, C).contiguous()  # strided batches make bmm slow on CPU
-    # Zero padding is exact here: a padded token (k = 0, β = 0) leaves the state unchanged.
+    # Zero padding is exact here: a padded token (k = 0, β = 0, g = 0) leaves the state unchanged.
     kb, vb, betab = blocks(k), blocks(v), blocks(beta[..., None])[..., 0]
-    W, U0 = _wy_factors(kb, vb, betab)
+    if g is None:
+        W, U0 = _wy_factors(kb, vb, betab)
+        k_end, grids = kb, (kb, W, U0)
+    else:
+        a, D = _block_decays(blocks(g[..., None])[..., 0])
+        a_end = a[..., -1:]  # padded rows have g = 0: the log decay of the whole block
+        k_beta = kb * betab[..., None]
+        T = _unit_lower_inverse(torch.tril((k_beta @ kb.transpose(-1, -2)) * D, -1))
+        W, U0 = T @ (k_beta * a.exp()[..., None]), T @ (vb * betab[..., None])
+        k_end = kb * (a_end - a).exp()[..., None]  # each key decayed to the block end
+        grids = (k_end, W, U0, a_end[..., None])  # past-the-end cells: log decay 0, the identity
     cells = torch.tensor(
         [[first[d] + c if c < n_blocks[d] else n for d in range(N)] for c in range(steps)], device=k.device
     )
     entry_states, pseudo_values = [], []
     # One gather into the grid and unbind: indexing blocks inside the loop would cost a full-size
     # zero gradient per step in the backward (quadratic in T).
-    for k_c, w_c, u0_c in zip(*(_grid(x, cells).unbind(0) for x in (kb, W, U0))):  # [N, H, C, *]
+    for k_c, w_c, u0_c, *a_c in zip(*(_grid(x, cells).unbind(0) for x in grids)):  # [N, H, C, *]
         entry_states.append(S)
         U = u0_c - w_c @ S
-        S = S + k_c.transpose(-1, -2) @ U
+        S = (S if g is None else a_c[0].exp() * S) + k_c.transpose(-1, -2) @ U
         pseudo_values.append(U)
     if q is None:
         return None, S
@@ -107,7 +129,12 @@ def _chunk_documents(
     cell_of_block = torch.tensor([c * N + d for d in range(N) for c in range(n_blocks[d])], device=k.device)
     back = lambda xs: torch.stack(xs).flatten(0, 1)[cell_of_block].movedim(0, 1)[None]  # [1, H, n, *, *]
     qb = blocks(q) * scale
-    o = qb @ back(entry_states) + torch.tril(qb @ kb.transpose(-1, -2)) @ back(pseudo_values)
+    if g is None:
+        o = qb @ back(entry_states) + torch.tril(qb @ kb.transpose(-1, -2)) @ back(pseudo_values)
+    else:
+        o = (qb * a.exp()[..., None]) @ back(entry_states) + ((qb @ kb.transpose(-1, -2)) * D) @ back(
+            pseudo_values
+        )
     return unpad(from_chunks(o, n * C)).to(q.dtype), S
 
 
@@ -130,16 +157,18 @@ def chunk_delta_rule(
     *,
     cu_seqlens: torch.Tensor | None = None,
     chunk_size: int = 64,
+    g: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """q, k: [B, T, H, K]; v: [B, T, H, V]; beta: [B, T, H]; initial_state: [B, H, K, V] or None.
-    With `cu_seqlens` ([N+1], B = 1) each document runs on its own (the state restarts from
-    `initial_state[n]` or 0) and the final state is [N, H, K, V]. Returns (o like v in q's dtype,
-    final state fp32)."""
+    """q, k: [B, T, H, K]; v: [B, T, H, V]; beta: [B, T, H]; initial_state: [B, H, K, V] or None;
+    g: [B, T, H] log decays (the gated delta rule) or None. With `cu_seqlens` ([N+1], B = 1) each
+    document runs on its own (the state restarts from `initial_state[n]` or 0) and the final state is
+    [N, H, K, V]. Returns (o like v in q's dtype, final state fp32)."""
     B, T = k.shape[:2]
     flat = lambda x: x.reshape(1, B * T, *x.shape[2:])
     o, final = _chunk_documents(
-        flat(q), flat(k), flat(v), flat(beta), scale, initial_state, _documents(B, T, cu_seqlens), chunk_size
-    )
+        flat(q), flat(k), flat(v), flat(beta), scale, initial_state, _documents(B, T, cu_seqlens),
+        chunk_size, None if g is None else flat(g),
+    )  # fmt: skip
     return o.view(v.shape), final
 
 
@@ -149,8 +178,10 @@ def chunk_delta_rule_affine_map(
     beta: torch.Tensor,
     cu_seqlens: torch.Tensor | None = None,
     chunk_size: int = 64,
+    g: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(P [N, H, K, K], E [N, H, K, V]), fp32, with S_out = P S_in + E for each row (or document).
+    """(P [N, H, K, K], E [N, H, K, V]), fp32, with S_out = P S_in + E for each row (or document);
+    with the log decays g [B, T, H], of the gated delta rule.
 
     P is the state that the identity becomes with all values zero, E the state from a zero start
     (MATH.md, "The affine map of a segment"), so both come out of one pass of the state loop over
@@ -161,5 +192,6 @@ def chunk_delta_rule_affine_map(
     start = torch.cat([eye, eye.new_zeros(len(lengths), H, K, v.shape[-1])], -1)
     flat = lambda x: x.reshape(1, B * T, *x.shape[2:])
     v_aug = torch.cat([v.new_zeros(*v.shape[:3], K), v], -1)
-    _, final = _chunk_documents(None, flat(k), flat(v_aug), flat(beta), 1.0, start, lengths, chunk_size)
+    g = None if g is None else flat(g)
+    _, final = _chunk_documents(None, flat(k), flat(v_aug), flat(beta), 1.0, start, lengths, chunk_size, g)
     return final[..., :K], final[..., K:]

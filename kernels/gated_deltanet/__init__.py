@@ -2,10 +2,11 @@
 affine map of a slice.
 
 Public API: `gated_delta_rule_attn`, `gated_delta_rule_step` (one decoding token) and
-`gated_delta_rule_affine_map`. Files: `naive.py` (the ground-truth recurrence), `chunk.py` (chunked
-PyTorch path, also the affine map), `recurrent.py` (the single-step decoding path),
-`triton_kernels.py` (Triton forward/backward and their autograd Function), `MATH.md` (convention
-and derivations), `compile_check.py` (compiles the kernels for a GPU target without a GPU).
+`gated_delta_rule_affine_map`. Files: `naive.py` (the ground-truth recurrence), `MATH.md` (convention
+and derivations), `compile_check.py` (compiles the kernels for a GPU target without a GPU). The
+computing paths are DeltaNet's (`lmstack_kernels.deltanet`: chunked PyTorch, recurrent step, Triton
+forward/backward) run with the log decays g: the same programs and state loop, with the decays
+applied where MATH.md puts them (g = None there is DeltaNet's arithmetic unchanged).
 """
 
 from __future__ import annotations
@@ -21,10 +22,16 @@ from lmstack_kernels.common.checks import (
     checks_values,
     use_triton,
 )
-from lmstack_kernels.common.compiler import disable_compile
-from lmstack_kernels.deltanet import _check_beta
-from lmstack_kernels.gated_deltanet.chunk import chunk_gated_delta_rule, chunk_gated_delta_rule_affine_map
-from lmstack_kernels.gated_deltanet.recurrent import recurrent_gated_delta_rule_step
+from lmstack_kernels.deltanet import (  # DeltaNet's kernels: whole key rows, a [K, V-tile] state
+    MAX_HEAD_DIM,
+    MIN_HEAD_DIM,
+    TORCH_CHUNK,
+    TRITON_CHUNK,
+    _check_beta,
+    _triton_path,
+)
+from lmstack_kernels.deltanet.chunk import chunk_delta_rule, chunk_delta_rule_affine_map
+from lmstack_kernels.deltanet.recurrent import recurrent_delta_rule_step
 
 __all__ = [
     "gated_delta_rule_attn",
@@ -34,10 +41,6 @@ __all__ = [
     "MAX_HEAD_DIM",
 ]
 
-# As DeltaNet's kernels: whole key rows ([chunk, K]) and a [K, V-tile] state per program.
-MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
-TRITON_CHUNK, TORCH_CHUNK = 32, 64
-
 
 def _check_beta_g(op: str, k: torch.Tensor, beta, g) -> None:
     _check_beta(op, k, beta)
@@ -45,20 +48,6 @@ def _check_beta_g(op: str, k: torch.Tensor, beta, g) -> None:
     # Value checks only in eager CPU calls (see lmstack_kernels.common.checks.checks_values).
     if checks_values(k) and g.numel() and not bool((g <= 0).all()):
         raise ValueError(f"{op}: g must be a log decay, g <= 0 (with NaN refused), got max {g.max().item()}")
-
-
-@disable_compile  # the Triton launch graph-breaks under torch.compile
-def _triton_path(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens, chunk_size):
-    from lmstack_kernels.common.triton_utils import flatten_varlen
-    from lmstack_kernels.gated_deltanet.triton_kernels import GatedDeltaRuleFunction
-
-    B, T, H, _ = q.shape
-    (q, k, v, beta, g), cu = flatten_varlen((q, k, v, beta, g), cu_seqlens)
-    h0 = None if initial_state is None else initial_state.float().contiguous()
-    o, ht = GatedDeltaRuleFunction.apply(
-        q, k, v, beta, g, float(scale), h0, cu, output_final_state, chunk_size
-    )
-    return o.view(B, T, H, -1), ht
 
 
 def gated_delta_rule_attn(
@@ -113,22 +102,22 @@ def gated_delta_rule_attn(
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if q.shape[1] == 1 and cu_seqlens is None:
-        o, ht = recurrent_gated_delta_rule_step(q, k, v, beta, g, scale, initial_state)
-    elif use_triton(op, q, backend, "lmstack_kernels.gated_deltanet.triton_kernels"):
+        o, ht = recurrent_delta_rule_step(q, k, v, beta, scale, initial_state, g)
+    elif use_triton(op, q, backend, "lmstack_kernels.deltanet.triton_kernels"):
         o, ht = _triton_path(
-            q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens, chunk_size or TRITON_CHUNK
+            q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens, chunk_size or TRITON_CHUNK, g
         )
     else:
-        o, ht = chunk_gated_delta_rule(
+        o, ht = chunk_delta_rule(
             q,
             k,
             v,
             beta,
-            g,
             scale,
             initial_state,
             cu_seqlens=cu_seqlens,
             chunk_size=chunk_size or TORCH_CHUNK,
+            g=g,
         )
     return o, (ht if output_final_state else None)
 
@@ -151,9 +140,7 @@ def gated_delta_rule_step(
         raise ValueError(f"{op}: q must hold one token per row ([B, 1, H, K]), got T = {q.shape[1]}")
     _check_beta_g(op, k, beta, g)
     check_sequences(op, q, v, state, None, "torch")
-    return recurrent_gated_delta_rule_step(
-        q, k, v, beta, g, q.shape[-1] ** -0.5 if scale is None else scale, state
-    )
+    return recurrent_delta_rule_step(q, k, v, beta, q.shape[-1] ** -0.5 if scale is None else scale, state, g)
 
 
 def gated_delta_rule_affine_map(
@@ -186,4 +173,4 @@ def gated_delta_rule_affine_map(
     _check_beta_g(op, k, beta, g)
     check_sequences(op, k, v, None, cu_seqlens, "torch")
     check_chunk_size(op, chunk_size)
-    return chunk_gated_delta_rule_affine_map(k, v, beta, g, cu_seqlens, chunk_size or TORCH_CHUNK)
+    return chunk_delta_rule_affine_map(k, v, beta, cu_seqlens, chunk_size or TORCH_CHUNK, g)

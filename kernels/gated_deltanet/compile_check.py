@@ -1,6 +1,5 @@
 """The Gated DeltaNet kernels as the resource check compiles them (`lmstack_kernels.common.compile_check`):
-DeltaNet's flags and `launch_configs` (the launchers call the same function); the forward kernel
-twice, as the forward and in its state-recomputing form.
+DeltaNet's kernels with USE_G, its flags and `launch_configs` (the launchers call the same function).
 """
 
 from __future__ import annotations
@@ -14,6 +13,4 @@ FP32_ARGS = {"states", "dq", "dk", "dbeta", "dg"}  # the states and the per-V-ti
 
 def variants(K: int, V: int, lowp: bool, arch: int) -> list[tuple[str, object, dict, dict]]:
     """(kernel name, kernel, constexprs, launch options) of every kernel the launchers start."""
-    from lmstack_kernels.gated_deltanet import TRITON_CHUNK, triton_kernels
-
-    return kernel_variants(triton_kernels, TRITON_CHUNK, K, V, lowp, arch)
+    return kernel_variants(K, V, lowp, arch, gated=True)

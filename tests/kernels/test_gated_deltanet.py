@@ -135,18 +135,18 @@ class TestGatedDeltaNet(OpContract):
         chunked pass, and no single-token call reaches a chunk kernel."""
         x, t0 = self.make_inputs(63), 40
         whole = self.run(self.op, x, backend="torch", chunk_size=16)
-        chunked = gdn.chunk_gated_delta_rule
+        chunked = gdn.chunk_delta_rule
 
         def prefill_then_steps(q, k, v, beta, g, h0, step):
             o, h = self.op(*(a[:, :t0] for a in (q, k, v, beta, g)), h0, backend=backend, chunk_size=16)
             outs = [o]
             with monkeypatch.context() as m:
-                m.setattr(gdn, "chunk_gated_delta_rule", None)  # a call would raise TypeError
+                m.setattr(gdn, "chunk_delta_rule", None)  # a call would raise TypeError
                 m.setattr(gdn, "_triton_path", None)
                 for t in range(t0, q.shape[1]):
                     o, h = step(*(a[:, t : t + 1] for a in (q, k, v, beta, g)), h)
                     outs.append(o)
-            assert gdn.chunk_gated_delta_rule is chunked
+            assert gdn.chunk_delta_rule is chunked
             return torch.cat(outs, 1), h
 
         through_op = lambda *a: self.op(*a, backend=backend)
