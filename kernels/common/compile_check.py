@@ -18,7 +18,8 @@ Registry: `OPS` maps an op to the module that lists its kernels (`<op>/compile_c
 `SHAPES(D) -> [(K, V)]`); adding an op is one `OPS` entry and that module.
 
 TRITON_INTERPRET must be unset (the interpreter does not compile); the pytest runs this in a
-subprocess. Results: a table on stdout, and `kernel_resources.json` / `.md` in --out.
+subprocess. Results: a table on stdout, and `kernel_resources.json` / `.md` in --out (with --update, the
+rows checked now replace theirs in the existing table, and its command records both runs).
 """
 
 from __future__ import annotations
@@ -177,6 +178,14 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _updated(old: list[dict], new: list[dict]) -> list[dict]:
+    """The rows of `old` with those checked again replaced by `new` (same place), new ones appended."""
+    key = lambda r: (r["op"], r["kernel"], r["K"], r["V"], r["dtype"], r["arch"])  # noqa: E731
+    fresh = {key(r): r for r in new}
+    kept = [fresh.pop(key(r), r) for r in old]
+    return kept + [r for r in new if key(r) in fresh]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ops", nargs="+", choices=sorted(OPS), default=list(OPS))
@@ -185,6 +194,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--archs", type=int, nargs="+", choices=ARCHS, default=list(ARCHS))
     p.add_argument("--workers", type=int, default=2, help="compile processes")
     p.add_argument("--out", type=Path, help="write kernel_resources.json and .md here")
+    p.add_argument(
+        "--update",
+        action="store_true",
+        help="with --out: replace only the rows checked now in the existing table (the others are kept)",
+    )
     args = p.parse_args(argv)
     import triton
 
@@ -197,8 +211,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{len(rows)} variants, {len(bad)} failing, {seconds} s with {args.workers} processes (triton {triton.__version__})")  # fmt: skip
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
+        command = "python -m lmstack_kernels.common.compile_check " + " ".join(argv or sys.argv[1:])
+        if args.update and (args.out / "kernel_resources.json").exists():
+            old = json.loads((args.out / "kernel_resources.json").read_text())
+            command = f"{old['command']} && {command}"  # the commands that made the table, in order
+            rows = _updated(old["results"], rows)
+            md = table(rows)
         meta = {
-            "command": "python -m lmstack_kernels.common.compile_check " + " ".join(argv or sys.argv[1:]),
+            "command": command,
             "versions": {"triton": triton.__version__, "python": sys.version.split()[0]},
             "smem_limit_B": {f"sm_{a}": b for a, b in SMEM_LIMIT.items()},
             "spill_budget_B": SPILL_BUDGET,

@@ -262,10 +262,17 @@ def launch_configs(K: int, V: int, lowp: bool, arch: int | None) -> dict[str, di
     `delta_rule_bwd` and the resource check (`compile_check.py`) both call this; "states" is the
     forward kernel in its state-recomputing form (the backward's first launch). arch None: the
     interpreter."""
-    del lowp, arch  # one choice for every dtype and architecture so far
+    del lowp  # one choice for both dtypes so far
     BK, BV = tiles(K, V)
     cfg = dict(BK=BK, BV=BV, **launch_opts(BK))
-    return {"fwd": cfg, "states": cfg, "bwd": cfg}
+    bwd = cfg
+    if arch == 80 and BK > 128:
+        # sm_80 gives a block 163 KB of shared memory: at K = 256 the fp32 backward needs 188,672 B
+        # (217,600 B with the decays) at BV = 32 and 3 stages; BV = 16 with 1 stage needs 159,744 B,
+        # with the decays still 172,032 B: over, left for a smaller block (BT) on sm_80
+        # (benchmarks/results/kernel_resources.md).
+        bwd = dict(cfg, BV=16, **launch_opts(BK, num_stages=1))
+    return {"fwd": cfg, "states": cfg, "bwd": bwd}
 
 
 def _chunk_offsets(cu: torch.Tensor, BT: int) -> tuple[torch.Tensor, int]:

@@ -64,3 +64,25 @@ def test_full_matrix_within_limits(tmp_path: Path) -> None:
         rows,
         len(jobs(("lightning", "gla", "deltanet"), (32, 64, 128, 256), ("fp32", "bf16"), (90, 80))),
     )
+
+
+def test_update_replaces_the_rows_checked_again_in_place() -> None:
+    from lmstack_kernels.common.compile_check import _updated
+
+    row = lambda op, K, smem: {
+        "op": op,
+        "kernel": "bwd",
+        "K": K,
+        "V": K,
+        "dtype": "fp32",
+        "arch": 80,
+        "shared_B": smem,
+    }  # noqa: E731
+    old = [row("lightning", 64, 1), row("deltanet", 256, 2), row("gla", 64, 3)]
+    got = _updated(old, [row("deltanet", 256, 20), row("deltanet", 128, 30)])
+    assert got == [
+        row("lightning", 64, 1),
+        row("deltanet", 256, 20),
+        row("gla", 64, 3),
+        row("deltanet", 128, 30),
+    ]
