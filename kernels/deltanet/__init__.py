@@ -49,11 +49,11 @@ def _triton_path(q, k, v, beta, scale, initial_state, output_final_state, cu_seq
     from lmstack_kernels.deltanet.triton_kernels import DeltaRuleFunction
 
     B, T, H, _ = q.shape
-    (q, k, v, beta, *g), cu = flatten_varlen((q, k, v, beta, *([] if g is None else [g])), cu_seqlens)
+    inputs = (q, k, v, beta) if g is None else (q, k, v, beta, g)
+    (q, k, v, beta, *decays), cu = flatten_varlen(inputs, cu_seqlens)
+    g = decays[0] if decays else None
     h0 = None if initial_state is None else initial_state.float().contiguous()
-    o, ht = DeltaRuleFunction.apply(
-        q, k, v, beta, g[0] if g else None, float(scale), h0, cu, output_final_state, chunk_size
-    )
+    o, ht = DeltaRuleFunction.apply(q, k, v, beta, g, float(scale), h0, cu, output_final_state, chunk_size)
     return o.view(B, T, H, -1), ht
 
 
