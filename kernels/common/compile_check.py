@@ -6,10 +6,10 @@ a stated budget.
     python -m lmstack_kernels.common.compile_check --ops lightning --dims 256 --archs 90 --out DIR
 
 "As the JIT would": the signature's pointer (and `TT`-like integer) arguments carry the
-divisibility-16 hint the JIT passes for 16-byte-aligned tensors; tiles, block lengths, num_warps and
-num_stages come from each op's `launch_configs`, the same function its launcher calls; Triton's own
-ptxas (the one `triton.compile` runs for that arch) reports registers and spill stores (its `-v`
-log), and shared memory is the compiled kernel's `metadata.shared` (what the launch compares with the
+divisibility-16 hint the JIT passes for 16-byte-aligned tensors; tiles, block lengths, num_warps,
+num_stages and ptxas options come from each op's `launch_configs`, the same function its launcher
+calls; Triton's own ptxas (the one `triton.compile` runs for that arch) reports registers and spill
+stores (its `-v` log), and shared memory is the compiled kernel's `metadata.shared` (what the launch compares with the
 device's limit before raising `OutOfResources`). Every run compiles into a fresh cache directory:
 nothing cached can hide a regression (and a cache hit would skip ptxas).
 
@@ -57,7 +57,7 @@ STATE_ARGS = {"h0", "ht", "dht", "dh0"}  # states are always fp32
 
 def split(cfg: dict) -> tuple[dict, dict]:
     """(constexprs, launch options) of one kernel's `launch_configs` entry."""
-    options = {n: v for n, v in cfg.items() if n.startswith("num_")}
+    options = {n: v for n, v in cfg.items() if n.startswith("num_") or n == "ptx_options"}
     return {n: v for n, v in cfg.items() if n not in options}, options
 
 
@@ -98,6 +98,7 @@ def compile_variant(job: tuple[str, int, int, str, int, str]) -> dict:
     row = {"op": op, "kernel": name, "K": K, "V": V, "dtype": dtype, "arch": arch}
     row.update({n: consts[n] for n in ("BT", "BK", "BV", "BKS") if n in consts})
     row.update(num_warps=options.get("num_warps", 4), num_stages=options.get("num_stages", 3))
+    row.update(ptxas=options.get("ptx_options", "default"))
     log = io.StringIO()
     t0 = time.perf_counter()
     knobs.nvidia.dump_ptxas_log = True  # Triton prints its own ptxas -v log
@@ -167,11 +168,11 @@ def run(ops=tuple(OPS), dims=DIMS, dtypes=DTYPES, archs=ARCHS, workers: int = 2)
 
 
 def table(rows: list[dict]) -> str:
-    head = "| op | kernel | K | V | dtype | arch | BT | BK | BV | warps | stages | regs | spills B | smem B | limit B | s | problems |"  # fmt: skip
+    head = "| op | kernel | K | V | dtype | arch | BT | BK | BV | warps | stages | ptxas | regs | spills B | smem B | limit B | s | problems |"  # fmt: skip
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         cells = [r["op"], r["kernel"], r["K"], r["V"], r["dtype"], f"sm_{r['arch']}", r.get("BT", ""),
-                 r.get("BK", ""), r.get("BV", ""), r["num_warps"], r["num_stages"], r.get("registers", ""),
+                 r.get("BK", ""), r.get("BV", ""), r["num_warps"], r["num_stages"], r.get("ptxas", "default"), r.get("registers", ""),
                  r.get("spill_stores_B", ""), r.get("shared_B", ""), SMEM_LIMIT[r["arch"]],
                  r.get("compile_s", ""), "; ".join(r["problems"])]  # fmt: skip
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")

@@ -81,12 +81,25 @@ def device_arch(x: torch.Tensor) -> int | None:
     return major * 10 + minor
 
 
-def launch_opts(f: int, num_stages: int | None = None) -> dict:
-    """num_warps for a state block whose padded full dim is f, and num_stages when given (Triton's
-    default, 3, otherwise); none when interpreting."""
+# ptxas at its default -O3 gives some of these kernels 32 or 128 registers instead of up to 255 and
+# spills the rest: DeltaNet's backward on sm_80 at K = 256 39,500 B per thread with 32 registers;
+# -O1 gives the same PTX 255 registers and 6,380 B (ptxas 12.8 of Triton 3.6 and 12.9 of Triton 3.9
+# alike). Where -O3 does allocate 255, -O1 spills a little more (DeltaNet's sm_80 backward at K = 32:
+# 804 -> 1,116 B), so each op's `launch_configs` asks for -O1 only for the variants the resource
+# table shows collapsing. Not yet timed on a GPU.
+PTXAS_O1 = "--opt-level 1"
+
+
+def launch_opts(f: int, num_stages: int | None = None, ptxas_o1: bool = False) -> dict:
+    """num_warps for a state block whose padded full dim is f, num_stages when given (Triton's
+    default, 3, otherwise) and ptxas -O1 when asked (`PTXAS_O1`); none when interpreting."""
     if interpreting():
         return {}
-    return {"num_warps": 8 if f >= 32 else 4} | ({} if num_stages is None else {"num_stages": num_stages})
+    return (
+        {"num_warps": 8 if f >= 32 else 4}
+        | ({} if num_stages is None else {"num_stages": num_stages})
+        | ({"ptx_options": PTXAS_O1} if ptxas_o1 else {})
+    )
 
 
 def flatten_varlen(tensors, cu_seqlens):

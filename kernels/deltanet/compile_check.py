@@ -24,7 +24,7 @@ def kernel_variants(
     from lmstack_kernels.deltanet import TRITON_CHUNK
     from lmstack_kernels.deltanet import triton_kernels as tk
 
-    cfg = tk.launch_configs(K, V, lowp, arch)
+    cfg = tk.launch_configs(K, V, lowp, arch, TRITON_CHUNK, gated)  # the mixers' chunk_size
     # Without decays the launchers pass g (and dg) as None, which the JIT makes a constexpr.
     fwd_g, bwd_g = (
         ({"USE_G": True}, {"USE_G": True})
@@ -39,5 +39,5 @@ def kernel_variants(
     out = []
     for name, (fn, extra) in flags.items():
         consts, options = split(cfg[name])
-        out.append((name, fn, dict(H=8, K=K, V=V, BT=TRITON_CHUNK, LOWP=lowp, **consts, **extra), options))
+        out.append((name, fn, dict(H=8, K=K, V=V, LOWP=lowp, **consts, **extra), options))
     return out

@@ -257,22 +257,31 @@ def tiles(K: int, V: int) -> tuple[int, int]:
     return BK, max(16, min(64 if BK <= 64 else 32, pow2(V)))
 
 
-def launch_configs(K: int, V: int, lowp: bool, arch: int | None) -> dict[str, dict]:
-    """Per kernel, the tiles (BK, BV) and launch options the launchers pass: `delta_rule_fwd`/
-    `delta_rule_bwd` and the resource check (`compile_check.py`) both call this; "states" is the
-    forward kernel in its state-recomputing form (the backward's first launch). arch None: the
-    interpreter."""
-    del lowp  # one choice for both dtypes so far
+def launch_configs(
+    K: int, V: int, lowp: bool, arch: int | None, chunk_size: int, gated: bool
+) -> dict[str, dict]:
+    """Per kernel, the block length BT, the tiles (BK, BV) and launch options the launchers pass:
+    `delta_rule_fwd`/`delta_rule_bwd` and the resource check (`compile_check.py`) both call this;
+    "states" is the forward kernel in its state-recomputing form (the backward's first launch), with
+    the backward's BT (it stores the states at the backward's block boundaries). chunk_size: the
+    op's block length (the result does not depend on it); gated: with the log decays. arch None:
+    the interpreter."""
     BK, BV = tiles(K, V)
-    cfg = dict(BK=BK, BV=BV, **launch_opts(BK))
-    bwd = cfg
-    if arch == 80 and BK > 128:
+    sm80 = arch == 80
+    # ptxas -O3 collapses on sm_80 (32 or 128 registers, `PTXAS_O1`) in every backward at K >= 64
+    # (and the gated fp32 one at K = 32) and in 9 of the 16 forward variants at K >= 128 (both
+    # rules, both dtypes): -O1 for every backward and for the forwards from K = 128 there.
+    fwd = dict(BT=chunk_size, BK=BK, BV=BV, **launch_opts(BK, ptxas_o1=sm80 and BK >= 128))
+    bwd = dict(fwd, **launch_opts(BK, ptxas_o1=sm80))
+    if sm80 and BK > 128:
         # sm_80 gives a block 163 KB of shared memory: at K = 256 the fp32 backward needs 188,672 B
         # (217,600 B with the decays) at BV = 32 and 3 stages; BV = 16 with 1 stage needs 159,744 B,
-        # with the decays still 172,032 B: over, left for a smaller block (BT) on sm_80
-        # (benchmarks/results/kernel_resources.md).
-        bwd = dict(cfg, BV=16, **launch_opts(BK, num_stages=1))
-    return {"fwd": cfg, "states": cfg, "bwd": bwd}
+        # with the decays still 172,032 B, which BT = 16 brings to 101,376 B (BT = 16 with BV = 32:
+        # 136,192 B, but 10,100 B of spills against 6,916 B).
+        bwd.update(BV=16, **launch_opts(BK, num_stages=1, ptxas_o1=True))
+        if gated and not lowp:
+            bwd["BT"] = min(chunk_size, 16)
+    return {"fwd": fwd, "states": dict(fwd, BT=bwd["BT"]), "bwd": bwd}
 
 
 def _chunk_offsets(cu: torch.Tensor, BT: int) -> tuple[torch.Tensor, int]:
@@ -291,15 +300,15 @@ def delta_rule_fwd(q, k, v, beta, g, scale, h0, cu, output_final_state, BT, stor
     V = v.shape[-1]
     N = cu.numel() - 1
     lowp = k.dtype != torch.float32 and not interpreting()
+    cfg = launch_configs(K, V, lowp, device_arch(k), BT, g is not None)["states" if store_states else "fwd"]
     o = None if store_states else torch.empty_like(v)
     ht = k.new_empty(N, H, K, V, dtype=torch.float32) if output_final_state else None
     offsets, states = None, None
     if store_states:
-        offsets, n_seq = _chunk_offsets(cu, BT)
-        states = k.new_empty(TT // BT + n_seq, H, K, V, dtype=torch.float32)
-    cfg = launch_configs(K, V, lowp, device_arch(k))["states" if store_states else "fwd"]
+        offsets, n_seq = _chunk_offsets(cu, cfg["BT"])
+        states = k.new_empty(TT // cfg["BT"] + n_seq, H, K, V, dtype=torch.float32)
     _fwd_kernel[(N * H, triton.cdiv(V, cfg["BV"]))](
-        q, k, v, beta, g, h0, o, ht, states, cu, offsets, scale, H=H, K=K, V=V, BT=BT,
+        q, k, v, beta, g, h0, o, ht, states, cu, offsets, scale, H=H, K=K, V=V,
         USE_G=g is not None, USE_H0=h0 is not None, STORE_O=not store_states, STORE_HT=output_final_state,
         STORE_STATES=store_states, LOWP=lowp, **cfg,
     )  # fmt: skip
@@ -313,8 +322,9 @@ def delta_rule_bwd(q, k, v, beta, g, scale, h0, cu, do, dht, need_dh0, BT):
     V = v.shape[-1]
     N = cu.numel() - 1
     lowp = k.dtype != torch.float32 and not interpreting()
+    # The states at the backward's block boundaries (its BT: `launch_configs` gives both the same).
     _, _, (states, offsets) = delta_rule_fwd(q, k, v, beta, g, scale, h0, cu, False, BT, store_states=True)
-    cfg = launch_configs(K, V, lowp, device_arch(k))["bwd"]
+    cfg = launch_configs(K, V, lowp, device_arch(k), BT, g is not None)["bwd"]
     NV = triton.cdiv(V, cfg["BV"])
     dq = q.new_empty(NV, TT, H, K, dtype=torch.float32)
     dk = torch.empty_like(dq)
@@ -324,7 +334,7 @@ def delta_rule_bwd(q, k, v, beta, g, scale, h0, cu, do, dht, need_dh0, BT):
     dh0 = q.new_empty(N, H, K, V, dtype=torch.float32) if need_dh0 else None
     _bwd_kernel[(N * H, NV)](
         q, k, v, beta, g, states, dht, do.contiguous(), dq, dk, dv, dbeta, dg, dh0, cu, offsets, scale,
-        TT, H=H, K=K, V=V, BT=BT, USE_G=g is not None, USE_DHT=dht is not None, STORE_DH0=need_dh0, LOWP=lowp, **cfg,
+        TT, H=H, K=K, V=V, USE_G=g is not None, USE_DHT=dht is not None, STORE_DH0=need_dh0, LOWP=lowp, **cfg,
     )  # fmt: skip
     sum_shares = lambda x, like: x.sum(0).to(like.dtype).view(like.shape)
     dg = None if g is None else sum_shares(dg, g)

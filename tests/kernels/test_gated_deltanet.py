@@ -93,6 +93,20 @@ class TestGatedDeltaNet(OpContract):
         with pytest.raises(ValueError, match="gated_delta_rule_step: q must hold one token"):
             gated_delta_rule_step(q, q, v, beta, g)
 
+    def test_triton_with_sm80_blocks_matches_naive(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        # sm_80's fp32 backward at K = 256 runs at BT = 16 (shared memory; `launch_configs`) and
+        # recomputes the states at those boundaries, while the forward runs at the op's 32: the
+        # interpreter with sm_80's choices (its tiles; launch options do not apply there).
+        import lmstack_kernels.deltanet.triton_kernels as tk
+
+        cfg = tk.launch_configs(256, 32, False, 80, 32, gated=True)
+        assert [cfg[n]["BT"] for n in ("fwd", "states", "bwd")] == [32, 16, 16] and cfg["bwd"]["BV"] == 16
+        monkeypatch.setattr(tk, "device_arch", lambda x: 80)
+        monkeypatch.setattr(self, "shapes", {63: (256, 32)})
+        x = self.make_inputs(63, B=1, H=2)
+        got = self.run(self.op, x, backend="triton", chunk_size=32)
+        assert_all_close(got, self.run(self.naive, x, dtype=torch.float64), TOL, "triton sm_80", self.outputs)
+
     def test_naive_matches_fla_reference(self) -> None:
         """Our convention is fla's: `naive_recurrent_gated_delta_rule` ([B, T, H, D], g the log
         decay, scale K^-1/2 by default), which computes in fp32."""
