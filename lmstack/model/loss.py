@@ -37,8 +37,9 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     are computed in the forward; the backward only scales them by the incoming gradient."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk_size, compute_dtype):  # noqa: ANN001
-        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+    def forward(ctx, hidden, weight, labels, chunk_size, compute_dtype, grad_enabled):  # noqa: ANN001
+        # needs_input_grad stays True under torch.no_grad (evaluation): the caller's grad mode decides.
+        needs_grad = grad_enabled and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
         weight_c = weight.to(compute_dtype)
         weight_f = weight.float() if needs_grad else None
         loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -74,6 +75,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
 
 
@@ -100,6 +102,6 @@ def fused_linear_next_token_loss_sum(
     else:
         compute_dtype = torch.promote_types(hidden.dtype, weight.dtype)
     loss_sum = _FusedLinearCrossEntropy.apply(
-        hidden.flatten(0, 1), weight, labels.flatten(), chunk_size, compute_dtype
+        hidden.flatten(0, 1), weight, labels.flatten(), chunk_size, compute_dtype, torch.is_grad_enabled()
     )
     return loss_sum, (labels != IGNORE_INDEX).sum()

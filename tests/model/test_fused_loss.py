@@ -52,6 +52,20 @@ def test_fp32_equals_the_plain_path(chunk_size):
     torch.testing.assert_close(weight.grad, 0.5 * plain_gw, rtol=1e-5, atol=1e-6)
 
 
+def test_under_no_grad_the_loss_is_the_same_and_no_gradient_is_formed(monkeypatch):
+    # Evaluation runs the fused loss under torch.no_grad on leaves that require grad: the loss only.
+    hidden, weight, labels = _inputs()
+    plain_loss, *_ = _plain(hidden, weight, labels)
+
+    def no_grad_products(*args, **kw):
+        raise AssertionError("a gradient product under torch.no_grad")
+
+    monkeypatch.setattr(torch.Tensor, "addmm_", no_grad_products)
+    with torch.no_grad():
+        loss, _ = fused_linear_next_token_loss_sum(hidden, weight, labels, chunk_size=5)
+    torch.testing.assert_close(loss, plain_loss, rtol=1e-6, atol=0)
+
+
 def test_ignored_tokens_contribute_nothing():
     hidden, weight, labels = _inputs()
     loss, _ = fused_linear_next_token_loss_sum(hidden, weight, labels, chunk_size=4)
