@@ -197,19 +197,23 @@ def prepared_source(config: RunConfig, rank: int, world: int, micro_batch: int) 
     the folders of `data.mixture` (lmstack.data.MixtureReader; each source's val split is a named
     validation set of its own)."""
     check_train_folders(config)
-    from lmstack.data import MixtureReader, TrainReader, load_index, model_token_ids
+    from lmstack.data import MixtureReader, TrainReader, model_token_ids
 
     data, T = config.data, config.data.seq_len
+    # The readers' own indexes serve everything below: each index.json is read (and checksummed) once.
     if data.mixture:
         sources = [(s.name, s.path, s.weight) for s in data.mixture]
         train = MixtureReader(sources, T, micro_batch, rank=rank, world_size=world, seed=data.seed)
-        path, val, tokens_per_source = Path(data.mixture[0].path), None, train.tokens_per_source
-        own_val = {s.name: own_val_batches(Path(s.path), T, micro_batch, rank, world) for s in data.mixture}
+        index, val, tokens_per_source = train.readers[0].index, None, train.tokens_per_source
+        own_val = {
+            s.name: own_val_batches(reader.index, T, micro_batch, rank, world)
+            for s, reader in zip(data.mixture, train.readers)
+        }
     else:
-        path, tokens_per_source = Path(data.path), None
-        train = TrainReader(path, T, micro_batch, rank=rank, world_size=world, seed=data.seed)
-        val, own_val = own_val_batches(path, T, micro_batch, rank, world), {}
-    index = load_index(path)
+        train = TrainReader(data.path, T, micro_batch, rank=rank, world_size=world, seed=data.seed)
+        index, tokens_per_source = train.index, None
+        val, own_val = own_val_batches(index, T, micro_batch, rank, world), {}
+    path = index.path
     named_val = {name: batches for name, batches in own_val.items() if batches is not None}
     named_val.update(
         (name, named_val_batches(Path(folder), index, name, T, micro_batch, rank, world))
@@ -222,14 +226,14 @@ def prepared_source(config: RunConfig, rank: int, world: int, micro_batch: int) 
     )
 
 
-def own_val_batches(folder: Path, seq_len: int, micro_batch: int, rank: int, world: int):
-    """This rank's batches of a training folder's own val split, from the start (None: no such split)."""
-    from lmstack.data import ValReader, load_index
+def own_val_batches(index, seq_len: int, micro_batch: int, rank: int, world: int):
+    """This rank's batches of a training folder's own val split (`index`: its DataIndex), from the
+    start (None: no such split)."""
+    from lmstack.data import ValReader
 
-    index = load_index(folder)
     if not index.splits.get("val"):
         return None
-    return lambda: ValReader(folder, seq_len, micro_batch, rank=rank, world_size=world)
+    return lambda: ValReader(index.path, seq_len, micro_batch, rank=rank, world_size=world)
 
 
 def named_val_batches(
