@@ -9,7 +9,7 @@ seconds this process spent in `triton.compile`, cache loads included; None where
 as under the interpreter).
 
 The steps import from benchmarks/ (timing), tests/ (`helpers.rel_rmse`) and this folder: suite.sh puts
-all three on PYTHONPATH, next to the repository root and a link that imports kernels/ as lmstack_kernels.
+all three on PYTHONPATH, next to the repository root (which holds `lmstack` and `lmstack_kernels`).
 
 Run as a script it keeps the suite's own record, `$OUT/suite.json` (used by suite.sh):
     python common.py start OUT DRY BUDGET_S        environment and an empty step list

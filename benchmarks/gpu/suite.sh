@@ -45,11 +45,9 @@ BUDGET=${SUITE_BUDGET_S:-$((540 * SCALE))}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/suite.log") 2>&1
 
-# The working tree itself is what runs (never a stale wheel): kernels/ imports as lmstack_kernels
-# through a link; the steps import from benchmarks/, tests/ and benchmarks/gpu/.
-LINKS=$(mktemp -d)
-ln -s "$REPO/kernels" "$LINKS/lmstack_kernels"
-export PYTHONPATH="$REPO:$LINKS:$REPO/benchmarks:$REPO/tests:$REPO/benchmarks/gpu:$SITE${PYTHONPATH:+:$PYTHONPATH}"
+# The working tree itself is what runs (never a stale wheel): the repository root holds lmstack and
+# lmstack_kernels; the steps import from benchmarks/, tests/ and benchmarks/gpu/.
+export PYTHONPATH="$REPO:$REPO/benchmarks:$REPO/tests:$REPO/benchmarks/gpu:$SITE${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 # One Triton cache for every step (and every warm-up process): what the warm-up compiles, the steps load.

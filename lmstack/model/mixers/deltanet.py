@@ -3,7 +3,7 @@
     q, k, v = SiLU(conv(x W_q)), SiLU(conv(x W_k)), SiLU(conv(x W_v))     (shared short causal conv)
     q, k    = q / ‖q‖, k / ‖k‖                                             (per head)
     β       = sigmoid(x W_β)  per head           (× 2 with `allow_neg_eigval`: β ∈ (0, 2))
-    o       = delta_rule_attn(q, k, v, β)                                   (kernels/deltanet/MATH.md)
+    o       = delta_rule_attn(q, k, v, β)                                   (lmstack_kernels/deltanet/MATH.md)
     y       = W_o (RMSNorm_head(o) [⊙ SiLU(x W_g) with `gate`])
 
 The state update S_t = (I − β_t k_t k_tᵀ) S_{t-1} + β_t k_t v_tᵀ overwrites the value stored under

@@ -9,7 +9,7 @@
 
 τ (`gate_logit_normalizer`, 16) keeps the gates close to 1 at initialisation (e^{logsigmoid(0)/16}
 ≈ 0.96 per token) so memories start long; the gate is computed in fp32 (its sum over many tokens is
-what decays the state). The op and its math: `kernels/gla/` (MATH.md).
+what decays the state). The op and its math: `lmstack_kernels/gla/` (MATH.md).
 
 Packed documents restart the state at each document start (the op's `cu_seqlens`, through
 `run_by_pieces`). Decoding keeps one fp32 matrix [B, H, K, V] per layer (plus, with the short

@@ -1,7 +1,7 @@
 """`lightning`: TransNormerLLM-style linear attention with a constant per-head decay.
 
     q = act(x W_q), k = act(x W_k), v = x W_v, u = x W_u          (act: SiLU, as TNL)
-    o = lightning_attn(q, k, v, decay)                              (see kernels/lightning/MATH.md)
+    o = lightning_attn(q, k, v, decay)                              (see lmstack_kernels/lightning/MATH.md)
     y = W_o (gate(u) ⊙ norm(o))
 
 Decay (chosen convention, written here once): head h of layer l (0-based) of L layers has

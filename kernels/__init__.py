@@ -1,2 +1,0 @@
-"""lmstack's token-mixing ops (imported as `lmstack_kernels`): one folder per op with the Triton
-kernels, a naive reference recurrence, a chunked PyTorch path and a short math note."""
