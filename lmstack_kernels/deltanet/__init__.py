@@ -57,6 +57,28 @@ def _triton_path(q, k, v, beta, scale, initial_state, output_final_state, cu_seq
     return o.view(B, T, H, -1), ht
 
 
+def run_delta_rule(
+    op, q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens, backend, chunk_size
+):
+    """The delta rule (gated with the log decays g, else g = None) on checked inputs, by path: the
+    recurrent step for a single token, Triton, or the chunked PyTorch path."""
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    if q.shape[1] == 1 and cu_seqlens is None:
+        o, ht = recurrent_delta_rule_step(q, k, v, beta, scale, initial_state, g)
+    elif use_triton(op, q, backend, "lmstack_kernels.deltanet.triton_kernels"):
+        chunk_size = chunk_size or TRITON_CHUNK
+        o, ht = _triton_path(
+            q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens, chunk_size, g
+        )
+    else:
+        chunk_size = chunk_size or TORCH_CHUNK
+        o, ht = chunk_delta_rule(
+            q, k, v, beta, scale, initial_state, cu_seqlens=cu_seqlens, chunk_size=chunk_size, g=g
+        )
+    return o, (ht if output_final_state else None)
+
+
 def delta_rule_attn(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -104,19 +126,9 @@ def delta_rule_attn(
     _check_beta(op, k, beta)
     check_sequences(op, q, v, initial_state, cu_seqlens, backend)
     check_chunk_size(op, chunk_size)
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
-    if q.shape[1] == 1 and cu_seqlens is None:
-        o, ht = recurrent_delta_rule_step(q, k, v, beta, scale, initial_state)
-    elif use_triton(op, q, backend, "lmstack_kernels.deltanet.triton_kernels"):
-        o, ht = _triton_path(
-            q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens, chunk_size or TRITON_CHUNK
-        )
-    else:
-        o, ht = chunk_delta_rule(
-            q, k, v, beta, scale, initial_state, cu_seqlens=cu_seqlens, chunk_size=chunk_size or TORCH_CHUNK
-        )
-    return o, (ht if output_final_state else None)
+    return run_delta_rule(
+        op, q, k, v, beta, None, scale, initial_state, output_final_state, cu_seqlens, backend, chunk_size
+    )
 
 
 def delta_rule_affine_map(

@@ -20,7 +20,6 @@ from lmstack_kernels.common.checks import (
     check_qkv,
     check_sequences,
     checks_values,
-    use_triton,
 )
 from lmstack_kernels.deltanet import (  # DeltaNet's kernels: whole key rows, a [K, V-tile] state
     MAX_HEAD_DIM,
@@ -28,9 +27,9 @@ from lmstack_kernels.deltanet import (  # DeltaNet's kernels: whole key rows, a 
     TORCH_CHUNK,
     TRITON_CHUNK,
     _check_beta,
-    _triton_path,
+    run_delta_rule,
 )
-from lmstack_kernels.deltanet.chunk import chunk_delta_rule, chunk_delta_rule_affine_map
+from lmstack_kernels.deltanet.chunk import chunk_delta_rule_affine_map
 from lmstack_kernels.deltanet.recurrent import recurrent_delta_rule_step
 
 __all__ = [
@@ -39,6 +38,7 @@ __all__ = [
     "gated_delta_rule_affine_map",
     "MIN_HEAD_DIM",
     "MAX_HEAD_DIM",
+    "TRITON_CHUNK",
 ]
 
 
@@ -99,27 +99,9 @@ def gated_delta_rule_attn(
     _check_beta_g(op, k, beta, g)
     check_sequences(op, q, v, initial_state, cu_seqlens, backend)
     check_chunk_size(op, chunk_size)
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
-    if q.shape[1] == 1 and cu_seqlens is None:
-        o, ht = recurrent_delta_rule_step(q, k, v, beta, scale, initial_state, g)
-    elif use_triton(op, q, backend, "lmstack_kernels.deltanet.triton_kernels"):
-        o, ht = _triton_path(
-            q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens, chunk_size or TRITON_CHUNK, g
-        )
-    else:
-        o, ht = chunk_delta_rule(
-            q,
-            k,
-            v,
-            beta,
-            scale,
-            initial_state,
-            cu_seqlens=cu_seqlens,
-            chunk_size=chunk_size or TORCH_CHUNK,
-            g=g,
-        )
-    return o, (ht if output_final_state else None)
+    return run_delta_rule(
+        op, q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens, backend, chunk_size
+    )
 
 
 def gated_delta_rule_step(

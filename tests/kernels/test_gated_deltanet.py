@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from helpers import assert_rel_rmse
 from op_contract import BACKENDS, TOL, OpContract, assert_all_close
 
-import lmstack_kernels.gated_deltanet as gdn
+import lmstack_kernels.deltanet as deltanet  # the dispatch both delta rules share
 from lmstack_kernels.gated_deltanet import (
     gated_delta_rule_affine_map,
     gated_delta_rule_attn,
@@ -149,18 +149,18 @@ class TestGatedDeltaNet(OpContract):
         chunked pass, and no single-token call reaches a chunk kernel."""
         x, t0 = self.make_inputs(63), 40
         whole = self.run(self.op, x, backend="torch", chunk_size=16)
-        chunked = gdn.chunk_delta_rule
+        chunked = deltanet.chunk_delta_rule
 
         def prefill_then_steps(q, k, v, beta, g, h0, step):
             o, h = self.op(*(a[:, :t0] for a in (q, k, v, beta, g)), h0, backend=backend, chunk_size=16)
             outs = [o]
             with monkeypatch.context() as m:
-                m.setattr(gdn, "chunk_delta_rule", None)  # a call would raise TypeError
-                m.setattr(gdn, "_triton_path", None)
+                m.setattr(deltanet, "chunk_delta_rule", None)  # a call would raise TypeError
+                m.setattr(deltanet, "_triton_path", None)
                 for t in range(t0, q.shape[1]):
                     o, h = step(*(a[:, t : t + 1] for a in (q, k, v, beta, g)), h)
                     outs.append(o)
-            assert gdn.chunk_delta_rule is chunked
+            assert deltanet.chunk_delta_rule is chunked
             return torch.cat(outs, 1), h
 
         through_op = lambda *a: self.op(*a, backend=backend)
