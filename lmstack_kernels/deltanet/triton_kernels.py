@@ -264,7 +264,7 @@ def launch_configs(
     `delta_rule_fwd`/`delta_rule_bwd` and the resource check (`compile_check.py`) both call this;
     "states" is the forward kernel in its state-recomputing form (the backward's first launch), with
     the backward's BT (it stores the states at the backward's block boundaries). chunk_size: the
-    op's block length (the result does not depend on it); gated: with the log decays. arch None:
+    op's block length (the op's output does not depend on it); gated: with the log decays. arch None:
     the interpreter."""
     BK, BV = tiles(K, V)
     sm80 = arch == 80
